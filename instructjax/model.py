@@ -1,0 +1,397 @@
+"""Decoder-only Transformer: GPT-2 style and Llama style from one config.
+
+The model is flax linen used purely functionally: ``Transformer(cfg).apply({'params': p}, tokens)``.
+Params are plain pytrees whose leaves carry logical axis names (see ``sharding.py``).
+
+Shape legend: B batch, T length of the chunk being processed, S key length (all cache slots when
+decoding), D d_model, N query heads, K kv heads (GQA), H head_dim, F mlp hidden, V vocab, L layers.
+
+Padding and positions. ``mask_bt`` marks real tokens (1) and padding (0). Prompts are left-padded
+for generation, so positions come from ``cumsum(mask) - 1`` (clamped at 0 on the pads): a left-padded
+row gets the same positions, and therefore the same per-token outputs, as the unpadded row. A query
+always attends to itself as well as to the real keys before it; this keeps pad rows finite (their
+outputs are meaningless and are masked by every loss).
+
+KV cache. ``init_cache`` returns an explicit pytree::
+
+    {'layers': {'k': [L,B,S,K,H], 'v': [L,B,S,K,H]}  (a list of per-layer dicts when layers are not
+                                                       scanned),
+     'mask':     [B,S] bool   which slots hold a real token,
+     'index':    []    int32  the next slot to write (the same for every row),
+     'next_pos': [B]   int32  each row's next position id}
+
+Calling the model with ``cache=`` appends the chunk ``tokens_bt`` at ``index``: a whole left-padded
+prompt (prefill) or one token per row (decode) go through the same code, and the call returns
+``(output, new_cache)``. Slots are in time order, so causality is ``slot_key <= slot_query``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Cache = dict[str, Any]
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block on the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and numerics. ``configs/model.py`` documents every field and holds the presets."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    n_kv_heads: int = 0  # 0 means n_heads (no grouped-query attention)
+    head_dim: int = 0  # 0 means d_model // n_heads
+    max_len: int = 1024
+    positions: str = "learned"  # 'learned' (GPT-2) or 'rope' (Llama)
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"  # 'layernorm' (GPT-2) or 'rmsnorm' (Llama)
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # 'gelu' (GPT-2, tanh approximation) or 'swiglu' (Llama)
+    use_bias: bool = True  # biases on every dense layer and norm (GPT-2)
+    qkv_bias: bool = False  # biases on q/k/v only (Qwen2); implied by use_bias
+    tie_embeddings: bool = True  # lm head = token embedding transposed (GPT-2)
+    head: str = "lm"  # 'lm' -> logits [B,T,V]; 'scalar' -> one value per token [B,T]
+    dropout_rate: float = 0.0  # embedding and residual dropout (the paper's SFT uses 0.2)
+    attention_dropout_rate: float = 0.0
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"  # 'none', 'full' or 'dots'
+    scan_layers: bool = False
+
+    def __post_init__(self):
+        choices = {
+            "positions": ("learned", "rope"),
+            "norm": ("layernorm", "rmsnorm"),
+            "mlp": ("gelu", "swiglu"),
+            "head": ("lm", "scalar"),
+            "remat": ("none", *_REMAT_POLICIES),
+        }
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"model.{field}={getattr(self, field)!r}: expected one of {allowed}")
+        if self.d_model % self.n_heads and not self.head_dim:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
+        if self.num_kv_heads <= 0 or self.n_heads % self.num_kv_heads:
+            raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.num_kv_heads}")
+        if self.positions == "rope" and self.dim_per_head % 2:
+            raise ValueError(f"rope needs an even head_dim, got {self.dim_per_head}")
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ModelConfig:
+        """From a ``ConfigDict`` or dict; unknown keys are an error naming the key."""
+        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}")
+        return cls(**d)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def _init(std: float, names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def _zeros(names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _ones(names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+def apply_rope(x_btnh: Array, positions_bt: Array, theta: float) -> Array:
+    """Rotary embedding in the "rotate half" layout of Hugging Face Llama (not interleaved pairs)."""
+    half = x_btnh.shape[-1] // 2
+    inv_freq = 1.0 / theta ** (np.arange(half, dtype=np.float32) * 2.0 / x_btnh.shape[-1])
+    angles_bth = positions_bt[..., None].astype(jnp.float32) * inv_freq
+    sin, cos = jnp.sin(angles_bth)[:, :, None, :], jnp.cos(angles_bth)[:, :, None, :]
+    x1, x2 = x_btnh[..., :half].astype(jnp.float32), x_btnh[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_btnh.dtype)
+
+
+def _norm(cfg: ModelConfig, name: str) -> nn.Module:
+    common = dict(epsilon=cfg.norm_eps, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), name=name)
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(scale_init=_ones(("embed",)), **common)
+    return nn.LayerNorm(use_bias=cfg.use_bias, scale_init=_ones(("embed",)), bias_init=_zeros(("embed",)), **common)
+
+
+class Linear(nn.Module):
+    """``x @ kernel (+ bias)`` contracting the last ``contract`` axes of x; the kernel has its real
+    (unflattened) shape ``in_shape + features`` and logical names ``axes``."""
+
+    features: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    contract: int = 1
+    use_bias: bool = False
+    std: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_shape = x.shape[x.ndim - self.contract :]
+        kernel = self.param("kernel", _init(self.std, self.axes), (*in_shape, *self.features), _dtype(self.param_dtype))
+        x, kernel = x.astype(_dtype(self.dtype)), kernel.astype(_dtype(self.dtype))
+        dims = ((tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract))), ((), ()))
+        y = jax.lax.dot_general(x, kernel, dims)
+        if self.use_bias:
+            bias_axes = self.axes[self.contract :]
+            y = y + self.param("bias", _zeros(bias_axes), self.features, _dtype(self.param_dtype)).astype(y.dtype)
+        return y
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads, RoPE or none, and an optional KV-cache layer."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_btd, positions_bt, mask_b1ts, kv=None, index=None):
+        cfg = self.cfg
+        n, k, h = cfg.n_heads, cfg.num_kv_heads, cfg.dim_per_head
+        out_std = cfg.init_std / np.sqrt(2 * cfg.n_layers)  # GPT-2: scale residual projections by depth
+        linear = functools.partial(Linear, dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=cfg.init_std)
+        qkv_bias = cfg.use_bias or cfg.qkv_bias
+        q = linear((n, h), ("embed", "heads", "head_dim"), use_bias=qkv_bias, name="q")(x_btd)
+        key = linear((k, h), ("embed", "kv_heads", "head_dim"), use_bias=qkv_bias, name="k")(x_btd)
+        value = linear((k, h), ("embed", "kv_heads", "head_dim"), use_bias=qkv_bias, name="v")(x_btd)
+        if cfg.positions == "rope":
+            q = apply_rope(q, positions_bt, cfg.rope_theta)
+            key = apply_rope(key, positions_bt, cfg.rope_theta)
+
+        new_kv = None
+        if kv is not None:  # write this chunk into the cache, then attend over every slot
+            key = jax.lax.dynamic_update_slice(kv["k"], key.astype(kv["k"].dtype), (0, index, 0, 0))
+            value = jax.lax.dynamic_update_slice(kv["v"], value.astype(kv["v"].dtype), (0, index, 0, 0))
+            key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "head_dim"))
+            value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "head_dim"))
+            new_kv = {"k": key, "v": value}
+            key, value = key.astype(q.dtype), value.astype(q.dtype)
+
+        if cfg.attention_dropout_rate > 0 and not self.deterministic:
+            # jax.nn.dot_product_attention has no dropout; this path is the same math, spelled out.
+            group = n // k
+            key, value = jnp.repeat(key, group, axis=2), jnp.repeat(value, group, axis=2)
+            scores = jnp.einsum("btnh,bsnh->bnts", q, key, preferred_element_type=jnp.float32) / np.sqrt(h)
+            scores = jnp.where(mask_b1ts, scores, jnp.finfo(jnp.float32).min)
+            probs = nn.Dropout(cfg.attention_dropout_rate)(jax.nn.softmax(scores, axis=-1), deterministic=False)
+            out = jnp.einsum("bnts,bsnh->btnh", probs.astype(value.dtype), value)
+        else:
+            out = jax.nn.dot_product_attention(q, key, value, mask=mask_b1ts)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+        out = linear(
+            (cfg.d_model,), ("heads", "head_dim", "embed"), contract=2, use_bias=cfg.use_bias, std=out_std, name="o"
+        )(out)
+        return out, new_kv
+
+
+class Mlp(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd):
+        cfg = self.cfg
+        linear = functools.partial(Linear, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        up = functools.partial(linear, (cfg.d_ff,), ("embed", "mlp"), std=cfg.init_std)
+        if cfg.mlp == "swiglu":
+            hidden = nn.silu(up(name="wi_gate")(x_btd)) * up(name="wi_up")(x_btd)
+        else:
+            hidden = nn.gelu(up(name="wi")(x_btd))
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+        out_std = cfg.init_std / np.sqrt(2 * cfg.n_layers)  # GPT-2: scale residual projections by depth
+        return linear((cfg.d_model,), ("mlp", "embed"), std=out_std, name="wo")(hidden)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + Attn(Norm(x)), then + Mlp(Norm(x))."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_btd, positions_bt, mask_b1ts, kv=None, index=None):
+        cfg = self.cfg
+        drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+        attn_out, new_kv = Attention(cfg, self.deterministic, name="attn")(
+            _norm(cfg, "attn_norm")(x_btd), positions_bt, mask_b1ts, kv, index
+        )
+        x_btd = x_btd + drop(attn_out)
+        x_btd = x_btd + drop(Mlp(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x_btd)))
+        x_btd = nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
+        return x_btd, new_kv
+
+
+class Transformer(nn.Module):
+    """The decoder. ``__call__`` returns logits [B,T,V] (head 'lm') or values [B,T] (head 'scalar'),
+    always float32; with ``cache=`` it returns ``(output, new_cache)``."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self, tokens_bt: Array, mask_bt: Array | None = None, *, cache: Cache | None = None, deterministic: bool = True
+    ):
+        cfg = self.cfg
+        batch, length = tokens_bt.shape
+        if mask_bt is None:
+            mask_bt = jnp.ones((batch, length), jnp.bool_)
+        mask_bt = mask_bt.astype(jnp.bool_)
+        steps_bt = jnp.cumsum(mask_bt.astype(jnp.int32), axis=1)  # real tokens so far, this one included
+
+        # Positions and the attention mask, in slot coordinates (the cache's slots, or this chunk's).
+        if cache is None:
+            positions_bt = jnp.maximum(steps_bt - 1, 0)
+            key_mask_bs, index = mask_bt, 0
+        else:
+            index = cache["index"]
+            positions_bt = jnp.maximum(cache["next_pos"][:, None] + steps_bt - 1, 0)
+            key_mask_bs = jax.lax.dynamic_update_slice(cache["mask"], mask_bt, (0, index))
+        q_slot_t = index + jnp.arange(length)
+        k_slot_s = jnp.arange(key_mask_bs.shape[1])
+        causal_ts = k_slot_s[None, :] <= q_slot_t[:, None]
+        itself_ts = k_slot_s[None, :] == q_slot_t[:, None]
+        mask_b1ts = (causal_ts & (key_mask_bs[:, None, :] | itself_ts))[:, None]
+
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=_dtype(cfg.dtype),
+            param_dtype=_dtype(cfg.param_dtype),
+            embedding_init=_init(cfg.init_std, ("vocab", "embed")),
+            name="embed",
+        )
+        x_btd = embed(tokens_bt)
+        if cfg.positions == "learned":
+            x_btd = x_btd + nn.Embed(
+                cfg.max_len,
+                cfg.d_model,
+                dtype=_dtype(cfg.dtype),
+                param_dtype=_dtype(cfg.param_dtype),
+                embedding_init=_init(cfg.init_std / 2, ("length", "embed")),
+                name="pos_embed",
+            )(positions_bt)
+        x_btd = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x_btd)
+        x_btd = nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        layer_kv = None if cache is None else cache["layers"]
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x_btd, new_layer_kv = scanned(cfg, deterministic, name="layers")(
+                x_btd, positions_bt, mask_b1ts, layer_kv, index
+            )
+        else:
+            new_layer_kv = []
+            for i in range(cfg.n_layers):
+                kv = None if layer_kv is None else layer_kv[i]
+                x_btd, kv = block(cfg, deterministic, name=f"layers_{i}")(x_btd, positions_bt, mask_b1ts, kv, index)
+                new_layer_kv.append(kv)
+        x_btd = _norm(cfg, "final_norm")(x_btd)
+
+        if cfg.head == "scalar":
+            # Reward/value head. The paper's RM projects to a scalar; init N(0, 1/(d_model+1)) (paper_spec §2).
+            head = Linear(
+                (1,),
+                ("embed", None),
+                use_bias=True,
+                std=1.0 / np.sqrt(cfg.d_model + 1),
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                name="score_head",
+            )
+            out = head(x_btd)[..., 0].astype(jnp.float32)
+        elif cfg.tie_embeddings:
+            out = embed.attend(x_btd).astype(jnp.float32)
+        else:
+            head = Linear(
+                (cfg.vocab_size,),
+                ("embed", "vocab"),
+                std=cfg.init_std,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                name="lm_head",
+            )
+            out = head(x_btd).astype(jnp.float32)
+        if cfg.head == "lm":
+            out = nn.with_logical_constraint(out, ("batch", "length", "vocab"))
+
+        if cache is None:
+            return out
+        new_cache = {
+            "layers": new_layer_kv,
+            "mask": key_mask_bs,
+            "index": index + length,
+            "next_pos": cache["next_pos"] + mask_bt.sum(axis=1, dtype=jnp.int32),
+        }
+        return out, new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:
+    """An empty KV cache with ``max_len`` slots per row (prompt plus generated tokens)."""
+    dtype = _dtype(dtype or cfg.dtype)
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+    if cfg.scan_layers:
+        layers = {"k": jnp.zeros((cfg.n_layers, *shape), dtype), "v": jnp.zeros((cfg.n_layers, *shape), dtype)}
+    else:
+        layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
+    return {
+        "layers": layers,
+        "mask": jnp.zeros((batch, max_len), jnp.bool_),
+        "index": jnp.zeros((), jnp.int32),
+        "next_pos": jnp.zeros((batch,), jnp.int32),
+    }
+
+
+def cache_logical_axes(cfg: ModelConfig) -> Cache:
+    """Logical axis names of every cache leaf, in the structure of ``init_cache``."""
+    kv = ("batch", "length", "kv_heads", "head_dim")
+    if cfg.scan_layers:
+        layers = {"k": ("layers", *kv), "v": ("layers", *kv)}
+    else:
+        layers = [{"k": kv, "v": kv} for _ in range(cfg.n_layers)]
+    return {"layers": layers, "mask": ("batch", "length"), "index": (), "next_pos": ("batch",)}
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a (possibly abstract or boxed) params tree."""
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+    leaves = jax.tree.leaves(params, is_leaf=is_box)
+    return sum(int(np.prod((x.value if is_box(x) else x).shape)) for x in leaves)

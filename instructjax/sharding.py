@@ -1,0 +1,219 @@
+"""One mesh with axes ``data, fsdp, tensor``; logical-axis rules; shardings for state and batches.
+
+Every parameter carries logical axis names (``model.py``). The rule table in the config maps each
+logical name to mesh axes (or ``None``: replicated). A logical name with no rule is an error naming
+the parameter, never a silent replication. Rules are applied in order and a mesh axis is used at
+most once per array, so on an activation ``('batch', 'length', 'embed')`` the batch takes
+``('data', 'fsdp')`` and embed (rule ``fsdp``) falls back to replicated: parameters are FSDP-sharded
+along embed, activations along batch.
+
+Axis types are ``Auto``: linen's ``with_logical_constraint`` fails on the ``Explicit`` meshes that
+``jax.make_mesh`` builds by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+Rules = tuple[tuple[str, Any], ...]
+
+# The default logical -> mesh table (configs copy it into ``config.rules``). Order matters: see above.
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Fill a single ``-1`` so the product equals ``num_devices``; any mismatch is an error that says so."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh_shape {shape} must have {len(MESH_AXES)} entries, one per axis {MESH_AXES}")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh_shape {shape}: entries must be positive, with at most one -1 (fill)")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(
+                f"mesh_shape {shape}: {num_devices} devices cannot be split into {known} x (fill); "
+                f"{num_devices} is not a multiple of {known}"
+            )
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        axes = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, shape, strict=True))
+        raise ValueError(f"mesh_shape {axes} needs {math.prod(shape)} devices but {num_devices} are available")
+    return shape
+
+
+def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all); checked before anything compiles."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(shape, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def as_rules(rules: Any) -> Rules:
+    """Config rules (lists from a ConfigDict) as the hashable tuple-of-pairs flax expects."""
+    out = []
+    for name, axes in rules:
+        out.append((str(name), tuple(axes) if isinstance(axes, list | tuple) else axes))
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def use(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """Activate the mesh and the logical rules (both needed by the model's activation constraints)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _is_box(x: Any) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+def strip_boxes(boxed_tree: Any) -> Any:
+    """The values inside the logical-axis boxes, without applying sharding constraints (safe on
+    abstract trees outside jit, where ``nn.unbox`` would constrain a ``ShapeDtypeStruct``)."""
+    return jax.tree.map(lambda x: x.value if _is_box(x) else x, boxed_tree, is_leaf=_is_box)
+
+
+def logical_axes(boxed_tree: Any) -> Any:
+    """The tree of logical axis-name tuples of a boxed (``LogicallyPartitioned``) tree.
+
+    Every leaf must be boxed: an unannotated parameter is an error naming it.
+    """
+
+    def names(path, leaf):
+        if not isinstance(leaf, nn.LogicallyPartitioned):
+            raise ValueError(
+                f"parameter {_path_str(path)} has no logical axis names (wrap its initializer "
+                "in nn.with_logical_partitioning)"
+            )
+        return tuple(leaf.names)
+
+    return jax.tree_util.tree_map_with_path(names, boxed_tree, is_leaf=_is_box)
+
+
+def logical_to_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules: Rules, what: str = "parameter") -> Any:
+    """NamedShardings for a tree of logical-axis tuples; unknown names and uneven splits are errors."""
+    known = {name for name, _ in rules}
+
+    def one(path, names, shaped):
+        for name in names:
+            if name is not None and name not in known:
+                raise ValueError(
+                    f"{what} {_path_str(path)}: logical axis {name!r} has no rule in config.rules "
+                    f"(rules cover {sorted(known)}); add ({name!r}, None) to replicate it"
+                )
+        spec = nn.logical_to_mesh_axes(names, rules)
+        for dim, (size, axes) in enumerate(zip(shaped.shape, spec, strict=True)):
+            axes = (axes,) if isinstance(axes, str) else axes or ()
+            split = math.prod(mesh.shape[a] for a in axes)
+            if size % split:
+                raise ValueError(
+                    f"{what} {_path_str(path)}: dimension {dim} ({names[dim]!r}, size {size}) does not divide "
+                    f"evenly over mesh axes {axes} ({split} devices); change the mesh or pad the dimension"
+                )
+        return NamedSharding(mesh, spec)
+
+    is_names = lambda x: isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)  # noqa: E731
+    return jax.tree_util.tree_map_with_path(one, axes_tree, shapes_tree, is_leaf=is_names)
+
+
+def init_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
+    """Run ``init_fn(rng)`` (returning a boxed tree) so every leaf is created already sharded.
+
+    Shapes come from ``jax.eval_shape``, so no full copy of the model ever sits on one device.
+    Returns ``(tree, shardings)`` with the tree unboxed to plain arrays.
+    """
+    with use(mesh, rules):
+        abstract = jax.eval_shape(init_fn, rng)
+        shardings = logical_to_shardings(logical_axes(abstract), strip_boxes(abstract), mesh, rules)
+        tree = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
+    return tree, shardings
+
+
+def abstract_params(model: nn.Module, example_tokens: jax.Array) -> Any:
+    """The boxed abstract params of ``model`` (shapes and logical names, nothing allocated)."""
+    return jax.eval_shape(lambda r: model.init(r, example_tokens)["params"], jax.random.key(0))
+
+
+def init_params(model: nn.Module, rng: jax.Array, example_tokens: Any, mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
+    """Sharded model params (plain arrays) and their shardings."""
+    return init_sharded(lambda r: model.init(r, example_tokens)["params"], rng, mesh, rules)
+
+
+def sharding_for(mesh: Mesh, rules: Rules, logical: Sequence[str | None]) -> NamedSharding:
+    """The sharding of an activation or batch array with the given logical axis names."""
+    with nn.logical_axis_rules(rules):
+        return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(logical), rules))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
+    """Leading axis is the batch; the rest replicated (sequence axes are not sharded)."""
+    return sharding_for(mesh, rules, ("batch",) + (None,) * (ndim - 1))
+
+
+def to_global(local_batch: Any, mesh: Mesh, rules: Rules) -> Any:
+    """Host-local numpy batch (this process's rows) -> global jax arrays sharded along the batch.
+
+    On one host this is a ``device_put``; on many, each process passes its own rows and the global
+    batch is their concatenation in process order.
+    """
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, rules, x.ndim), x)
+
+    return jax.tree.map(put, local_batch)
+
+
+def describe(shardings: Any, shapes: Any) -> dict[str, str]:
+    """``{param path: "shape -> spec"}``: the human-readable (and golden-tested) sharding table."""
+    out = {}
+
+    def add(path, sharding, shaped):
+        out[_path_str(path)] = f"{tuple(shaped.shape)} -> {tuple(sharding.spec)}"
+
+    jax.tree_util.tree_map_with_path(add, shardings, shapes)
+    return out
+
+
+def plan(model: nn.Module, mesh: Mesh, rules: Rules, example_tokens: Any) -> dict[str, Any]:
+    """What sharding ``model`` on ``mesh`` means, computed from shapes only (nothing allocated):
+    total parameters, bytes per device, and the per-parameter table of ``describe``."""
+    with use(mesh, rules):
+        abstract = abstract_params(model, example_tokens)
+        shapes = strip_boxes(abstract)
+        shardings = logical_to_shardings(logical_axes(abstract), shapes, mesh, rules)
+    per_device = 0
+    for shaped, sh in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings), strict=True):
+        shard_shape = sh.shard_shape(shaped.shape)
+        per_device += math.prod(shard_shape) * np.dtype(shaped.dtype).itemsize
+    return {
+        "params": sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)),
+        "param_bytes_per_device": per_device,
+        "mesh": dict(mesh.shape),
+        "table": describe(shardings, shapes),
+    }
