@@ -14,7 +14,7 @@ outputs are meaningless and are masked by every loss).
 
 KV cache. ``init_cache`` returns an explicit pytree::
 
-    {'layers': {'k': [L,B,S,K,H], 'v': [L,B,S,K,H]}  (a list of per-layer dicts when layers are not
+    {'layers': {'k': [L,B,K,S,H], 'v': [L,B,K,S,H]}  (a list of per-layer dicts when layers are not
                                                        scanned),
      'mask':     [B,S] bool   which slots hold a real token,
      'index':    []    int32  the next slot to write (the same for every row),
@@ -168,6 +168,21 @@ class Linear(nn.Module):
         return y
 
 
+def _attention_bksh(q_btnh, k_bksh, v_bksh, mask_b1ts, dropout):
+    """Softmax attention with keys/values in [B,K,S,H]; the N = K*G query heads attend in K groups
+    of G, so grouped-query attention never copies the keys. Scores and softmax in float32."""
+    b, t, n, h = q_btnh.shape
+    k = k_bksh.shape[1]
+    q_bkgth = q_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh, preferred_element_type=jnp.float32) / np.sqrt(h)
+    scores = jnp.where(mask_b1ts[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout is not None:
+        probs = dropout(probs)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs.astype(v_bksh.dtype), v_bksh)
+    return out.reshape(b, t, n, h)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads, RoPE or none, and an optional KV-cache layer."""
 
@@ -188,23 +203,24 @@ class Attention(nn.Module):
             q = apply_rope(q, positions_bt, cfg.rope_theta)
             key = apply_rope(key, positions_bt, cfg.rope_theta)
 
+        dropout = cfg.attention_dropout_rate > 0 and not self.deterministic
         new_kv = None
-        if kv is not None:  # write this chunk into the cache, then attend over every slot
-            key = jax.lax.dynamic_update_slice(kv["k"], key.astype(kv["k"].dtype), (0, index, 0, 0))
-            value = jax.lax.dynamic_update_slice(kv["v"], value.astype(kv["v"].dtype), (0, index, 0, 0))
-            key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "head_dim"))
-            value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "head_dim"))
+        if kv is not None:
+            # The cache is stored [B,K,S,H] (heads before slots): the layout the score and value
+            # matmuls read directly. A [B,S,K,H] cache cost a full transpose per layer per decode step.
+            key = jax.lax.dynamic_update_slice(
+                kv["k"], key.transpose(0, 2, 1, 3).astype(kv["k"].dtype), (0, 0, index, 0)
+            )
+            value = jax.lax.dynamic_update_slice(
+                kv["v"], value.transpose(0, 2, 1, 3).astype(kv["v"].dtype), (0, 0, index, 0)
+            )
+            key = nn.with_logical_constraint(key, ("batch", "kv_heads", "length", "head_dim"))
+            value = nn.with_logical_constraint(value, ("batch", "kv_heads", "length", "head_dim"))
             new_kv = {"k": key, "v": value}
-            key, value = key.astype(q.dtype), value.astype(q.dtype)
-
-        if cfg.attention_dropout_rate > 0 and not self.deterministic:
-            # jax.nn.dot_product_attention has no dropout; this path is the same math, spelled out.
-            group = n // k
-            key, value = jnp.repeat(key, group, axis=2), jnp.repeat(value, group, axis=2)
-            scores = jnp.einsum("btnh,bsnh->bnts", q, key, preferred_element_type=jnp.float32) / np.sqrt(h)
-            scores = jnp.where(mask_b1ts, scores, jnp.finfo(jnp.float32).min)
-            probs = nn.Dropout(cfg.attention_dropout_rate)(jax.nn.softmax(scores, axis=-1), deterministic=False)
-            out = jnp.einsum("bnts,bsnh->btnh", probs.astype(value.dtype), value)
+            out = _attention_bksh(q, key.astype(q.dtype), value.astype(q.dtype), mask_b1ts, None)
+        elif dropout:  # jax.nn.dot_product_attention has no dropout: the same math, spelled out
+            drop = nn.Dropout(cfg.attention_dropout_rate, deterministic=False)
+            out = _attention_bksh(q, key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3), mask_b1ts, drop)
         else:
             out = jax.nn.dot_product_attention(q, key, value, mask=mask_b1ts)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
@@ -367,7 +383,7 @@ class Transformer(nn.Module):
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:
     """An empty KV cache with ``max_len`` slots per row (prompt plus generated tokens)."""
     dtype = _dtype(dtype or cfg.dtype)
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.dim_per_head)
     if cfg.scan_layers:
         layers = {"k": jnp.zeros((cfg.n_layers, *shape), dtype), "v": jnp.zeros((cfg.n_layers, *shape), dtype)}
     else:
@@ -382,7 +398,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = N
 
 def cache_logical_axes(cfg: ModelConfig) -> Cache:
     """Logical axis names of every cache leaf, in the structure of ``init_cache``."""
-    kv = ("batch", "length", "kv_heads", "head_dim")
+    kv = ("batch", "kv_heads", "length", "head_dim")
     if cfg.scan_layers:
         layers = {"k": ("layers", *kv), "v": ("layers", *kv)}
     else:

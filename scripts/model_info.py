@@ -1,7 +1,7 @@
 """Print a model preset's size and sharding plan; optionally init it sharded and time a forward pass.
 
-    python scripts/model_info.py --config=configs/model.py:tiny
-    python scripts/model_info.py --config=configs/model.py:llama3_8b --config.mesh_shape="(1,-1,1)" --run=false
+python scripts/model_info.py --config=configs/model.py:tiny
+python scripts/model_info.py --config=configs/model.py:llama3_8b --config.mesh_shape="(1,-1,1)" --run=false
 """
 
 import json

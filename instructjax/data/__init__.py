@@ -1,0 +1,1 @@
+"""Data layer: jsonl formats and validation (``formats``), the synthetic instruction world (``world``)."""

@@ -1,0 +1,158 @@
+"""generate(): cache == recompute, one compile per bucket, EOS handling, filters, sharded == 1 device."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from test_model import make_cfg, mesh_for
+
+from instructjax import sampling, sharding
+from instructjax.model import Transformer
+
+PROMPTS = [[5, 9, 13, 2, 7, 7, 30, 4, 11], [17, 3], [8, 8, 21, 40, 2], [99]]
+
+
+def params_for(cfg, seed=0):
+    return nn.unbox(Transformer(cfg).init(jax.random.key(seed), np.zeros((1, 4), np.int32))["params"])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_llama"])
+def test_cached_decoding_equals_full_recompute(preset):
+    cfg = make_cfg(preset)
+    params = params_for(cfg)
+    tokens, mask = sampling.pad_prompts(PROMPTS, pad_id=0, buckets=(16,))
+    for temperature in (0.0, 1.0):
+        kw = dict(max_new_tokens=12, eos_id=1, temperature=temperature)
+        cached = sampling.generate(params, cfg, tokens, mask, jax.random.key(3), **kw)
+        recomputed = sampling.generate(params, cfg, tokens, mask, jax.random.key(3), use_cache=False, **kw)
+        np.testing.assert_array_equal(cached.tokens, recomputed.tokens)
+        np.testing.assert_array_equal(cached.mask, recomputed.mask)
+        np.testing.assert_allclose(cached.logprobs, recomputed.logprobs, atol=1e-5, rtol=0)
+    # Greedy log-probs are the model's own: check against one full forward over prompt + response.
+    greedy = sampling.generate(params, cfg, tokens, mask, jax.random.key(0), max_new_tokens=12, eos_id=1,
+                               temperature=0.0)  # fmt: skip
+    full_tokens = np.concatenate([tokens, np.asarray(greedy.tokens)], axis=1)
+    full_mask = np.concatenate([mask, np.asarray(greedy.mask)], axis=1)
+    logits = Transformer(cfg).apply({"params": params}, full_tokens, full_mask)
+    logp = jax.nn.log_softmax(logits[:, tokens.shape[1] - 1 : -1])
+    expected = np.take_along_axis(np.asarray(logp), np.asarray(greedy.tokens)[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(np.asarray(greedy.logprobs), expected * np.asarray(greedy.mask), atol=1e-5)
+    assert np.all(np.asarray(greedy.logprobs) <= 0)
+
+
+def test_compiles_once_per_bucket():
+    cfg = make_cfg("tiny", max_len=96)  # a config no other test uses: a fresh jit cache entry
+    params = params_for(cfg)
+    before = sampling._generate_cached._cache_size()
+    rng = np.random.RandomState(0)
+    for call in range(4):
+        prompts = [list(rng.randint(2, 500, rng.randint(1, 17))) for _ in range(4)]
+        tokens, mask = sampling.pad_prompts(prompts, pad_id=0, buckets=(16, 32))
+        assert tokens.shape == (4, 16)
+        sampling.generate(params, cfg, tokens, mask, jax.random.key(call), max_new_tokens=8, eos_id=1,
+                          temperature=[0.0, 0.7, 1.0, 1.3][call], top_p=[1.0, 0.9, 0.5, 1.0][call])  # fmt: skip
+    assert sampling._generate_cached._cache_size() == before + 1
+    tokens, mask = sampling.pad_prompts([list(range(2, 22))], pad_id=0, buckets=(16, 32))  # the next bucket
+    sampling.generate(params, cfg, tokens, mask, jax.random.key(0), max_new_tokens=8, eos_id=1)
+    assert sampling._generate_cached._cache_size() == before + 2
+
+
+def test_eos_stops_a_row_and_masks_the_rest():
+    cfg = make_cfg("tiny")
+    params = params_for(cfg)
+    tokens, mask = sampling.pad_prompts(PROMPTS, pad_id=0)
+    free = sampling.generate(params, cfg, tokens, mask, jax.random.key(0), max_new_tokens=10, eos_id=-1,
+                             temperature=0.0)  # fmt: skip
+    assert np.asarray(free.mask).all()  # no EOS possible: every row runs to max_new_tokens
+    eos = int(free.tokens[0, 2])  # make row 0's third greedy token the EOS
+    out = sampling.generate(params, cfg, tokens, mask, jax.random.key(0), max_new_tokens=10, eos_id=eos, pad_id=0,
+                            temperature=0.0)  # fmt: skip
+    out_tokens, out_mask = np.asarray(out.tokens), np.asarray(out.mask)
+    for row in range(len(PROMPTS)):
+        hits = np.flatnonzero(np.asarray(free.tokens[row]) == eos)
+        stop = hits[0] + 1 if hits.size else 10
+        np.testing.assert_array_equal(out_tokens[row, :stop], np.asarray(free.tokens[row, :stop]))
+        assert out_mask[row, :stop].all() and not out_mask[row, stop:].any()
+        assert (out_tokens[row, stop:] == 0).all() and (np.asarray(out.logprobs[row, stop:]) == 0).all()
+
+
+def test_all_rows_done_exits_early():
+    cfg = make_cfg("tiny")
+    params = params_for(cfg)
+    # A zero final-norm scale makes every position's hidden state the norm's bias: one greedy token
+    # for every row and step. Making it the EOS stops every row after its first token.
+    params["final_norm"]["scale"] = np.zeros_like(params["final_norm"]["scale"])
+    params["final_norm"]["bias"] = np.asarray(jax.random.normal(jax.random.key(1), (cfg.d_model,)))
+    tokens, mask = sampling.pad_prompts(PROMPTS, pad_id=0)
+    kw = dict(max_new_tokens=100, temperature=0.0)
+    free = sampling.generate(params, cfg, tokens, mask, jax.random.key(0), eos_id=-1, **kw)
+    assert int(free.steps) == 100
+    eos = int(free.tokens[0, 0])
+    out = sampling.generate(params, cfg, tokens, mask, jax.random.key(0), eos_id=eos, **kw)
+    assert int(out.steps) == 1
+    assert np.asarray(out.mask).sum() == len(PROMPTS) and (np.asarray(out.tokens[:, 0]) == eos).all()
+
+
+def test_filters_top_k_and_top_p():
+    cfg = make_cfg("tiny")
+    params = params_for(cfg)
+    tokens, mask = sampling.pad_prompts(PROMPTS, pad_id=0)
+    kw = dict(max_new_tokens=8, eos_id=-1)
+    greedy = sampling.generate(params, cfg, tokens, mask, jax.random.key(0), temperature=0.0, **kw)
+    top1 = sampling.generate(params, cfg, tokens, mask, jax.random.key(1), temperature=1.0, top_k=1, **kw)
+    tiny_p = sampling.generate(params, cfg, tokens, mask, jax.random.key(2), temperature=1.0, top_p=1e-6, **kw)
+    np.testing.assert_array_equal(top1.tokens, greedy.tokens)
+    np.testing.assert_array_equal(tiny_p.tokens, greedy.tokens)
+    np.testing.assert_allclose(top1.logprobs, 0.0, atol=1e-6)  # the only token left has probability 1
+    a = sampling.generate(params, cfg, tokens, mask, jax.random.key(5), temperature=1.0, top_k=5, **kw)
+    b = sampling.generate(params, cfg, tokens, mask, jax.random.key(5), temperature=1.0, top_k=5, **kw)
+    np.testing.assert_array_equal(a.tokens, b.tokens)  # reproducible from the seed
+    c = sampling.generate(params, cfg, tokens, mask, jax.random.key(6), temperature=1.0, **kw)
+    assert not np.array_equal(a.tokens, c.tokens)
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
+    kept = np.asarray(sampling._top_p_filter(logits, np.float32(0.7)))
+    assert np.isfinite(kept[0, :2]).all() and np.isinf(kept[0, 2:]).all()  # 0.5 + 0.3 reaches 0.7
+
+
+def test_sharded_sampling_equals_one_device():
+    cfg = make_cfg("tiny_llama")
+    prompts = PROMPTS * 2  # batch 8 divides data x fsdp = 4
+    tokens, mask = sampling.pad_prompts(prompts, pad_id=0)
+    outs = []
+    for shape in (None, (2, 2, 2)):
+        mesh, rules = mesh_for(shape), sharding.DEFAULT_RULES
+        params, _ = sharding.init_params(Transformer(cfg), jax.random.key(0), tokens[:1], mesh, rules)
+        with sharding.use(mesh, rules):
+            batch = sharding.to_global((tokens, mask), mesh, rules)
+            out = sampling.generate(params, cfg, *batch, jax.random.key(7), max_new_tokens=10, eos_id=1)
+            outs.append(jax.tree.map(np.asarray, out))
+    np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+    np.testing.assert_allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-5)
+
+
+def test_bf16_generation_runs_and_mostly_agrees_with_f32():
+    cfg = make_cfg("tiny")
+    params = params_for(cfg)
+    tokens, mask = sampling.pad_prompts(PROMPTS, pad_id=0)
+    kw = dict(max_new_tokens=6, eos_id=-1, temperature=0.0)
+    f32 = sampling.generate(params, cfg, tokens, mask, jax.random.key(0), **kw)
+    bf16 = sampling.generate(params, dataclasses.replace(cfg, dtype="bfloat16"), tokens, mask, jax.random.key(0), **kw)
+    assert np.asarray(bf16.mask).all() and np.isfinite(np.asarray(bf16.logprobs)).all()
+    assert (np.asarray(bf16.tokens[:, 0]) == np.asarray(f32.tokens[:, 0])).mean() >= 0.5
+
+
+def test_prompt_validation():
+    with pytest.raises(ValueError, match="empty prompt at index 1"):
+        sampling.pad_prompts([[1], []], pad_id=0)
+    with pytest.raises(ValueError, match="longer than the largest bucket 16"):
+        sampling.pad_prompts([list(range(17))], pad_id=0, buckets=(16,))
+    assert sampling.bucket_length(17, (16, 32)) == 32
+    cfg = make_cfg("tiny")
+    tokens, mask = sampling.pad_prompts([[3]], pad_id=0, buckets=(120,))
+    with pytest.raises(ValueError, match="exceeds model.max_len=128"):
+        sampling.generate(params_for(cfg), cfg, tokens, mask, jax.random.key(0), max_new_tokens=16, eos_id=1)
