@@ -274,17 +274,38 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, tokens_bt: Array, mask_bt: Array | None = None, *, cache: Cache | None = None, deterministic: bool = True
+        self,
+        tokens_bt: Array,
+        mask_bt: Array | None = None,
+        *,
+        segment_ids_bt: Array | None = None,
+        cache: Cache | None = None,
+        deterministic: bool = True,
     ):
+        """``segment_ids_bt`` (packed pretraining, no cache): tokens attend only within their segment
+        (id > 0; 0 is padding) and positions restart at each segment; it replaces ``mask_bt``."""
         cfg = self.cfg
         batch, length = tokens_bt.shape
+        if segment_ids_bt is not None:
+            if cache is not None or mask_bt is not None:
+                raise ValueError("segment_ids_bt replaces mask_bt and cannot be used with a cache")
+            mask_bt = segment_ids_bt > 0
         if mask_bt is None:
             mask_bt = jnp.ones((batch, length), jnp.bool_)
         mask_bt = mask_bt.astype(jnp.bool_)
         steps_bt = jnp.cumsum(mask_bt.astype(jnp.int32), axis=1)  # real tokens so far, this one included
 
         # Positions and the attention mask, in slot coordinates (the cache's slots, or this chunk's).
-        if cache is None:
+        same_segment_bts = None
+        if segment_ids_bt is not None:
+            t = jnp.arange(length)
+            starts = jnp.concatenate(
+                [jnp.ones((batch, 1), jnp.bool_), segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=1
+            )
+            positions_bt = t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+            key_mask_bs, index = mask_bt, 0
+            same_segment_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+        elif cache is None:
             positions_bt = jnp.maximum(steps_bt - 1, 0)
             key_mask_bs, index = mask_bt, 0
         else:
@@ -295,7 +316,10 @@ class Transformer(nn.Module):
         k_slot_s = jnp.arange(key_mask_bs.shape[1])
         causal_ts = k_slot_s[None, :] <= q_slot_t[:, None]
         itself_ts = k_slot_s[None, :] == q_slot_t[:, None]
-        mask_b1ts = (causal_ts & (key_mask_bs[:, None, :] | itself_ts))[:, None]
+        visible_bts = (
+            key_mask_bs[:, None, :] if same_segment_bts is None else key_mask_bs[:, None, :] & same_segment_bts
+        )
+        mask_b1ts = (causal_ts & (visible_bts | itself_ts))[:, None]
 
         embed = nn.Embed(
             cfg.vocab_size,

@@ -195,3 +195,24 @@ def test_bad_model_config_is_a_clear_error():
         make_cfg("tiny_llama", n_kv_heads=3)
     with pytest.raises(ValueError, match="unknown model config keys"):
         ModelConfig.from_dict({**make_cfg("tiny").__dict__, "d_modle": 3})
+
+
+@pytest.mark.parametrize("preset", STYLES)
+def test_packed_segments_match_separate_sequences(preset):
+    cfg = make_cfg(preset)
+    model = Transformer(cfg)
+    rng = np.random.RandomState(4)
+    docs = [rng.randint(0, cfg.vocab_size, n).astype(np.int32) for n in (5, 7, 3)]
+    packed = np.zeros((1, 16), np.int32)
+    segments = np.zeros((1, 16), np.int32)
+    start = 0
+    for i, d in enumerate(docs):
+        packed[0, start : start + len(d)], segments[0, start : start + len(d)] = d, i + 1
+        start += len(d)
+    params = nn.unbox(model.init(jax.random.key(6), packed)["params"])
+    out = np.asarray(jax.jit(lambda t, s: model.apply({"params": params}, t, segment_ids_bt=s))(packed, segments))
+    start = 0
+    for d in docs:
+        alone = np.asarray(model.apply({"params": params}, d[None]))[0]
+        np.testing.assert_allclose(out[0, start : start + len(d)], alone, atol=1e-5, rtol=0)
+        start += len(d)

@@ -1,0 +1,253 @@
+"""grain pipelines per stage: tokenize, truncate (counted), pad, shuffle by seed, shard per process, batch.
+
+Every pipeline is ``grain.MapDataset.source(records)[process::processes].shuffle(seed).repeat(epochs)
+.map(encode).batch(...)``, so order is a pure function of the seed and the iterator state
+(``it.get_state()``, saved in checkpoints) resumes exactly. ``shuffle`` then ``repeat`` reshuffles every
+epoch. Per-process sharding takes every ``process_count``-th record, so each host reads only its rows.
+
+Batch conventions (numpy, B rows; T = ``TextFormat.max_len``):
+
+- SFT (``sft_batches``): ``tokens [B,T]`` right-padded, ``mask [B,T]`` real tokens, ``loss_mask [B,T]``
+  the tokens that are *predicted* (the response and its EOS; with ``prompt_in_loss`` every real token
+  but the first): the loss is ``CE(logits[:, :-1], tokens[:, 1:])`` weighted by ``loss_mask[:, 1:]``.
+- Pretraining (``pretrain_batches``): documents + EOS packed first-fit into rows of T tokens with
+  ``segment_ids [B,T]`` (0 = padding); ``mask``/``loss_mask`` as above, a segment's first token is not
+  predicted. Documents longer than T are truncated (counted).
+- Comparisons (``comparison_batches``): every completion of a prompt in one element, ``tokens [B,K,T]``,
+  ``mask [B,K,T]``, ``valid [B,K]`` (K = ``k_max``; missing completions masked), ``pair_mask [B,K,K]``
+  with ``pair_mask[b, i, j] = 1`` when completion i is ranked above j (ties dropped). The RM reads its
+  reward at the last real token (the EOS). ``pairs_as_examples`` gives the paper's shuffled-pairs
+  ablation instead: every pair its own element (K = 2), shuffled across the dataset.
+- Prompts (``prompt_batches``): ``prompt [B,P]`` left-padded for generation, ``prompt_mask [B,P]``.
+
+Every batch also has ``row_valid [B]``: with ``num_epochs`` set, the last batch is padded with empty rows
+(``row_valid = 0``) instead of changing shape, which would recompile the step.
+
+Truncation (rule in ``formats.truncate``: the prompt is cut from the left, the response kept) is counted
+in ``TextFormat.stats``; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from instructjax.data import formats
+from instructjax.data.tfds_builder import decode
+from instructjax.tokenizer import Tokenizer
+
+
+class _Counter:
+    """Thread-safe ``formats.TruncationStats`` (grain maps in threads)."""
+
+    def __init__(self):
+        self.stats = formats.TruncationStats()
+        self._lock = threading.Lock()
+
+    def truncate(
+        self, prompt: Sequence[int], response: Sequence[int], max_len: int, min_prompt_tokens: int = 1
+    ) -> tuple[list[int], list[int]]:
+        with self._lock:
+            return formats.truncate(prompt, response, max_len, self.stats, min_prompt_tokens)
+
+
+@dataclasses.dataclass
+class TextFormat:
+    """How rows become token sequences.
+
+    Prompt and completion are encoded separately and concatenated (a BPE tokenizer may want the
+    completion to start with a space: put it in the data or the template).
+    """
+
+    tokenizer: Tokenizer
+    max_len: int  # prompt + response (+ EOS) tokens per sequence
+    max_prompt_len: int  # prompt tokens for generation (left-padded)
+    prompt_template: str = "{prompt}"  # applied to every prompt before tokenizing
+    prompt_in_loss: bool = False  # the SFT ablation: predict prompt tokens too
+    counter: _Counter = dataclasses.field(default_factory=_Counter)
+
+    @property
+    def stats(self) -> formats.TruncationStats:
+        return self.counter.stats
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(self.prompt_template.format(prompt=prompt))
+
+    def response_ids(self, completion: str) -> list[int]:
+        return self.tokenizer.encode(completion) + [self.tokenizer.eos_id]
+
+
+def _right_pad(ids: Sequence[int], length: int, pad_id: int) -> np.ndarray:
+    out = np.full((length,), pad_id, np.int32)
+    out[: len(ids)] = ids
+    return out
+
+
+def encode_demo(row: dict, fmt: TextFormat) -> dict[str, np.ndarray]:
+    prompt, response = fmt.counter.truncate(
+        fmt.prompt_ids(row["prompt"]), fmt.response_ids(row["completion"]), fmt.max_len
+    )
+    n = len(prompt) + len(response)
+    loss_mask = np.zeros((fmt.max_len,), np.int32)
+    loss_mask[1 if fmt.prompt_in_loss else len(prompt) : n] = 1
+    mask = np.zeros((fmt.max_len,), np.int32)
+    mask[:n] = 1
+    return {
+        "tokens": _right_pad(prompt + response, fmt.max_len, fmt.tokenizer.pad_id),
+        "mask": mask,
+        "loss_mask": loss_mask,
+    }
+
+
+def encode_comparison(row: dict, fmt: TextFormat, k_max: int) -> dict[str, np.ndarray]:
+    k = len(row["completions"])
+    if k > k_max:
+        raise ValueError(f"comparison with K={k} completions exceeds k_max={k_max} (raise data.k_max)")
+    tokens = np.full((k_max, fmt.max_len), fmt.tokenizer.pad_id, np.int32)
+    mask = np.zeros((k_max, fmt.max_len), np.int32)
+    prompt_ids = fmt.prompt_ids(row["prompt"])
+    for i, completion in enumerate(row["completions"]):
+        prompt, response = fmt.counter.truncate(prompt_ids, fmt.response_ids(completion), fmt.max_len)
+        tokens[i, : len(prompt) + len(response)] = prompt + response
+        mask[i, : len(prompt) + len(response)] = 1
+    valid = (np.arange(k_max) < k).astype(np.int32)
+    pair_mask = np.zeros((k_max, k_max), np.int32)
+    for winner, loser in formats.ranking_pairs(row["ranking"]):
+        pair_mask[winner, loser] = 1
+    return {"tokens": tokens, "mask": mask, "valid": valid, "pair_mask": pair_mask}
+
+
+def encode_prompt(row: dict, fmt: TextFormat) -> dict[str, np.ndarray]:
+    prompt, _ = fmt.counter.truncate(fmt.prompt_ids(row["prompt"]), [], fmt.max_prompt_len)
+    tokens = np.full((fmt.max_prompt_len,), fmt.tokenizer.pad_id, np.int32)
+    mask = np.zeros((fmt.max_prompt_len,), np.int32)
+    tokens[fmt.max_prompt_len - len(prompt) :], mask[fmt.max_prompt_len - len(prompt) :] = prompt, 1
+    return {"prompt": tokens, "prompt_mask": mask}
+
+
+def _stack(batch_size: int, elements: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stack elements, padding a short final batch with zero rows marked ``row_valid = 0``."""
+    out = {k: np.stack([e[k] for e in elements]) for k in elements[0]}
+    missing = batch_size - len(elements)
+    if missing:
+        out = {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for k, v in out.items()}
+    out["row_valid"] = (np.arange(batch_size) < len(elements)).astype(np.int32)
+    return out
+
+
+def _records(
+    source: Any, seed: int, shuffle: bool, num_epochs: int | None, shard: tuple[int, int] | None
+) -> grain.MapDataset:
+    if shard is None:
+        import jax
+
+        shard = (jax.process_index(), jax.process_count())
+    ds = grain.MapDataset.source(source)
+    ds = ds[shard[0] :: shard[1]]
+    if len(ds) == 0:
+        raise ValueError(f"process {shard[0]} of {shard[1]} has no records (dataset of {len(source)})")
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    return ds.repeat(num_epochs)
+
+
+def _batched(ds: grain.MapDataset, batch_size: int, num_epochs: int | None, threads: int) -> grain.IterDataset:
+    ds = ds.batch(batch_size, drop_remainder=num_epochs is None, batch_fn=functools.partial(_stack, batch_size))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4))
+
+
+def _pipeline(
+    source: Any,
+    kind: str,
+    encode: Callable[[dict], dict],
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    num_epochs: int | None,
+    shard: tuple[int, int] | None,
+    threads: int,
+) -> grain.IterDataset:
+    ds = _records(source, seed, shuffle, num_epochs, shard).map(lambda r: encode(decode(r, kind)))
+    return _batched(ds, batch_size, num_epochs, threads)
+
+
+def sft_batches(
+    source: Any, fmt: TextFormat, batch_size: int, seed: int, *, shuffle: bool = True, num_epochs: int | None = None,
+    shard: tuple[int, int] | None = None, threads: int = 2,
+) -> grain.IterDataset:  # fmt: skip
+    """Demonstrations -> SFT batches (see the module docstring). ``num_epochs=None`` repeats forever."""
+    encode = functools.partial(encode_demo, fmt=fmt)
+    return _pipeline(source, "demos", encode, batch_size, seed, shuffle, num_epochs, shard, threads)
+
+
+def prompt_batches(
+    source: Any, fmt: TextFormat, batch_size: int, seed: int, *, shuffle: bool = True, num_epochs: int | None = None,
+    shard: tuple[int, int] | None = None, threads: int = 2,
+) -> grain.IterDataset:  # fmt: skip
+    """Prompts -> left-padded generation batches."""
+    encode = functools.partial(encode_prompt, fmt=fmt)
+    return _pipeline(source, "prompts", encode, batch_size, seed, shuffle, num_epochs, shard, threads)
+
+
+def comparison_batches(
+    source: Any, fmt: TextFormat, batch_size: int, seed: int, *, k_max: int = formats.MAX_K,
+    pairs_as_examples: bool = False, shuffle: bool = True, num_epochs: int | None = None,
+    shard: tuple[int, int] | None = None, threads: int = 2,
+) -> grain.IterDataset:  # fmt: skip
+    """Comparisons -> RM batches, all K completions of a prompt together (or one pair per element)."""
+    if not pairs_as_examples:
+        encode = functools.partial(encode_comparison, fmt=fmt, k_max=k_max)
+        return _pipeline(source, "comparisons", encode, batch_size, seed, shuffle, num_epochs, shard, threads)
+    # Shuffled pairs: index every (record, winner, loser) once, then shuffle the pairs across the dataset.
+    index = []
+    for i in range(len(source)):
+        for winner, loser in formats.ranking_pairs(decode(source[i], "comparisons")["ranking"]):
+            index.append((i, winner, loser))
+
+    def encode_pair(entry):
+        i, winner, loser = entry
+        row = decode(source[i], "comparisons")
+        pair = {"prompt": row["prompt"], "completions": [row["completions"][winner], row["completions"][loser]],
+                "ranking": [[0], [1]]}  # fmt: skip
+        return encode_comparison(pair, fmt, k_max=2)
+
+    ds = _records(index, seed, shuffle, num_epochs, shard).map(encode_pair)
+    return _batched(ds, batch_size, num_epochs, threads)
+
+
+def pretrain_batches(
+    source: Any, tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int, *, counter: _Counter | None = None,
+    shard: tuple[int, int] | None = None, threads: int = 2,
+) -> grain.IterDataset:  # fmt: skip
+    """Pretraining text -> rows of ``seq_len`` tokens packed first-fit with segment ids, forever."""
+    counter = counter or _Counter()
+
+    def encode(record):
+        # A document is all "response": a long one keeps its beginning (and loses its EOS).
+        text = decode(record, "pretrain")["text"]
+        _, ids = counter.truncate([], tokenizer.encode(text) + [tokenizer.eos_id], seq_len, min_prompt_tokens=0)
+        return {"inputs": np.asarray(ids, np.int32)}
+
+    ds = _records(source, seed, True, None, shard).map(encode).to_iter_dataset(grain.ReadOptions(num_threads=threads))
+    packed = grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct={"inputs": seq_len}, num_packing_bins=batch_size, seed=seed
+    )
+
+    def to_batch(b):
+        segments = b["inputs_segment_ids"].astype(np.int32)
+        mask = (segments > 0).astype(np.int32)
+        return {
+            "tokens": b["inputs"].astype(np.int32),
+            "segment_ids": segments,
+            "mask": mask,
+            "loss_mask": mask * (b["inputs_positions"] > 0),
+            "row_valid": np.ones((segments.shape[0],), np.int32),
+        }
+
+    return packed.batch(batch_size, drop_remainder=True).map(to_batch)
