@@ -23,8 +23,9 @@ from instructjax.model import ModelConfig, Transformer, count_params
 
 
 def gpt2_shaped(d_model: int, n_layers: int) -> ModelConfig:
-    return ModelConfig(vocab_size=50257, d_model=d_model, n_layers=n_layers, n_heads=d_model // 64,
-                       d_ff=4 * d_model, max_len=1024)  # fmt: skip
+    return ModelConfig(
+        vocab_size=50257, d_model=d_model, n_layers=n_layers, n_heads=d_model // 64, d_ff=4 * d_model, max_len=1024
+    )
 
 
 def best_of(fn, repeats: int) -> float:
@@ -51,15 +52,23 @@ def transformers_tokens_per_second(cfg: ModelConfig, prompt: np.ndarray, new: in
     except ImportError:
         return None
     torch.manual_seed(0)
-    hf_cfg = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_len, n_embd=cfg.d_model,
-                                     n_layer=cfg.n_layers, n_head=cfg.n_heads)  # fmt: skip
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.max_len, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads
+    )
     model = transformers.GPT2LMHeadModel(hf_cfg).eval()
     ids = torch.tensor(prompt, dtype=torch.long)
 
     def run():
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                                 do_sample=True, top_k=0, pad_token_id=0)  # fmt: skip
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=True,
+                top_k=0,
+                pad_token_id=0,
+            )
         assert out.shape[1] == prompt.shape[1] + new
 
     return prompt.shape[0] * new / best_of(run, repeats)
@@ -84,8 +93,17 @@ def main() -> None:
 
     def ours(use_cache):
         def run():
-            out = sampling.generate(params, cfg, prompt, mask, jax.random.key(0), max_new_tokens=args.new, eos_id=-1,
-                                    temperature=1.0, use_cache=use_cache)  # fmt: skip
+            out = sampling.generate(
+                params,
+                cfg,
+                prompt,
+                mask,
+                jax.random.key(0),
+                max_new_tokens=args.new,
+                eos_id=-1,
+                temperature=1.0,
+                use_cache=use_cache,
+            )
             assert int(out.steps) == args.new
             jax.block_until_ready(out)
 

@@ -172,8 +172,9 @@ def _decode_loop(step_fn, last_logits, carry, rng, temperature, top_k, top_p, eo
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k"))
-def _generate_cached(params, prompt_bt, prompt_mask_bt, rng, temperature, top_p, eos_id, pad_id, *, cfg,
-                     max_new_tokens, top_k):  # fmt: skip
+def _generate_cached(
+    params, prompt_bt, prompt_mask_bt, rng, temperature, top_p, eos_id, pad_id, *, cfg, max_new_tokens, top_k
+):
     model = Transformer(cfg)
     batch, prompt_len = prompt_bt.shape
     cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
@@ -187,8 +188,9 @@ def _generate_cached(params, prompt_bt, prompt_mask_bt, rng, temperature, top_p,
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k"))
-def _generate_recompute(params, prompt_bt, prompt_mask_bt, rng, temperature, top_p, eos_id, pad_id, *, cfg,
-                        max_new_tokens, top_k):  # fmt: skip
+def _generate_recompute(
+    params, prompt_bt, prompt_mask_bt, rng, temperature, top_p, eos_id, pad_id, *, cfg, max_new_tokens, top_k
+):
     model = Transformer(cfg)
     batch, prompt_len = prompt_bt.shape
     buffer = jnp.concatenate([prompt_bt, jnp.full((batch, max_new_tokens), pad_id, jnp.int32)], axis=1)

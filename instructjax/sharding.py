@@ -101,10 +101,13 @@ def strip_boxes(boxed_tree: Any) -> Any:
 def logical_axes(boxed_tree: Any) -> Any:
     """The tree of logical axis-name tuples of a boxed (``LogicallyPartitioned``) tree.
 
-    Every leaf must be boxed: an unannotated parameter is an error naming it.
+    Every array leaf must be boxed: an unannotated parameter is an error naming it. Unboxed scalars
+    (step counters, such as optax's) are replicated.
     """
 
     def names(path, leaf):
+        if not isinstance(leaf, nn.LogicallyPartitioned) and getattr(leaf, "ndim", None) == 0:
+            return ()
         if not isinstance(leaf, nn.LogicallyPartitioned):
             raise ValueError(
                 f"parameter {_path_str(path)} has no logical axis names (wrap its initializer "
@@ -137,7 +140,8 @@ def logical_to_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules: Ru
                 )
         return NamedSharding(mesh, spec)
 
-    is_names = lambda x: isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)  # noqa: E731
+    # exactly tuple: optax states are NamedTuples (EmptyState() is an empty one) and must be traversed
+    is_names = lambda x: type(x) is tuple and all(n is None or isinstance(n, str) for n in x)  # noqa: E731
     return jax.tree_util.tree_map_with_path(one, axes_tree, shapes_tree, is_leaf=is_names)
 
 
@@ -168,6 +172,21 @@ def sharding_for(mesh: Mesh, rules: Rules, logical: Sequence[str | None]) -> Nam
     """The sharding of an activation or batch array with the given logical axis names."""
     with nn.logical_axis_rules(rules):
         return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(logical), rules))
+
+
+def batch_divisor(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the batch axis is split: every global batch size must be a multiple of it."""
+    spec = sharding_for(mesh, rules, ("batch",)).spec[0]
+    axes = (spec,) if isinstance(spec, str) else spec or ()
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def check_batch_size(name: str, size: int, mesh: Mesh, rules: Rules) -> None:
+    divisor = batch_divisor(mesh, rules)
+    if size % divisor:
+        raise ValueError(
+            f"{name}={size} must be a multiple of {divisor}, the number of batch shards of mesh {dict(mesh.shape)}"
+        )
 
 
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:

@@ -5,30 +5,47 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+from instructjax import configlib  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config_module(path: str):
     """Import ``configs/<file>.py`` by path, as ``config_flags`` does."""
-    file = REPO / path
-    spec = importlib.util.spec_from_file_location(file.stem, file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return configlib.load_module(REPO / path)
 
 
 def load_config(path: str, arg: str | None = None):
     """``get_config(arg)`` of a config file."""
-    module = load_config_module(path)
-    return module.get_config(arg) if arg is not None else module.get_config()
+    return configlib.load_config(f"{REPO / path}:{arg or ''}")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
     assert jax.device_count() == 8, "tests expect 8 fake CPU devices (XLA_FLAGS set too late?)"
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """A small synthetic world (a few hundred rows per file), written once per test session."""
+    from instructjax.data import world
+
+    out = tmp_path_factory.mktemp("world")
+    sizes = world.WorldSizes(
+        pretrain_train=300,
+        pretrain_heldout=20,
+        demos_train=100,
+        demos_valid=20,
+        comparisons_train=40,
+        comparisons_valid=10,
+        prompts_train=30,
+        prompts_valid=20,
+        prompts_test=20,
+    )
+    world.write_world(out, seed=0, sizes=sizes)
+    return out

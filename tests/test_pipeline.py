@@ -9,20 +9,13 @@ import textwrap
 import numpy as np
 import pytest
 
-from instructjax.data import formats, pipeline, tfds_builder, world
+from instructjax.data import formats, pipeline, tfds_builder
 from instructjax.tokenizer import load_tokenizer
-
-SIZES = world.WorldSizes(
-    pretrain_train=300, pretrain_heldout=20, demos_train=100, demos_valid=20, comparisons_train=40,
-    comparisons_valid=10, prompts_train=30, prompts_valid=20, prompts_test=20,
-)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def world_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    world.write_world(out, seed=0, sizes=SIZES)
-    return out
+def world_dir(small_world):
+    return small_world
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +32,12 @@ def test_build_is_keyed_by_input_contents(world_dir, tmp_path):
     demo.write_text((world_dir / "demos_valid.jsonl").read_text())
     first = tfds_builder.dataset_dir("demos", {"train": demo}, tmp_path, False)
     src = tfds_builder.build("demos", {"train": demo}, tmp_path)["train"]
-    assert len(src) == SIZES.demos_valid and first.exists()
+    assert len(src) == 20 and first.exists()
     assert tfds_builder.dataset_dir("demos", {"train": demo}, tmp_path, False) == first  # reused
     demo.write_text(demo.read_text() + json.dumps({"prompt": "copy cat =>", "completion": "cat"}) + "\n")
     changed = tfds_builder.dataset_dir("demos", {"train": demo}, tmp_path, False)
     assert changed != first
-    assert len(tfds_builder.build("demos", {"train": demo}, tmp_path)["train"]) == SIZES.demos_valid + 1
+    assert len(tfds_builder.build("demos", {"train": demo}, tmp_path)["train"]) == 20 + 1
 
 
 def test_bad_line_fails_the_build_naming_file_and_line(tmp_path):
@@ -183,8 +176,11 @@ def test_iterator_state_resumes_exactly_in_a_fresh_process(world_dir, fmt, tmp_p
     script = tmp_path / "resume.py"
     script.write_text(RESUME_SCRIPT)
     out = tmp_path / "next.npz"
-    subprocess.run([sys.executable, str(script), str(world_dir), str(state), str(out)], check=True,
-                   cwd=pathlib.Path(__file__).parent)  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(script), str(world_dir), str(state), str(out)],
+        check=True,
+        cwd=pathlib.Path(__file__).parent,
+    )
     got = np.load(out)
     for key, value in expected.items():
         np.testing.assert_array_equal(got[key], value, err_msg=key)

@@ -31,8 +31,9 @@ def test_cached_decoding_equals_full_recompute(preset):
         np.testing.assert_array_equal(cached.mask, recomputed.mask)
         np.testing.assert_allclose(cached.logprobs, recomputed.logprobs, atol=1e-5, rtol=0)
     # Greedy log-probs are the model's own: check against one full forward over prompt + response.
-    greedy = sampling.generate(params, cfg, tokens, mask, jax.random.key(0), max_new_tokens=12, eos_id=1,
-                               temperature=0.0)  # fmt: skip
+    greedy = sampling.generate(
+        params, cfg, tokens, mask, jax.random.key(0), max_new_tokens=12, eos_id=1, temperature=0.0
+    )
     full_tokens = np.concatenate([tokens, np.asarray(greedy.tokens)], axis=1)
     full_mask = np.concatenate([mask, np.asarray(greedy.mask)], axis=1)
     logits = Transformer(cfg).apply({"params": params}, full_tokens, full_mask)
@@ -51,8 +52,17 @@ def test_compiles_once_per_bucket():
         prompts = [list(rng.randint(2, 500, rng.randint(1, 17))) for _ in range(4)]
         tokens, mask = sampling.pad_prompts(prompts, pad_id=0, buckets=(16, 32))
         assert tokens.shape == (4, 16)
-        sampling.generate(params, cfg, tokens, mask, jax.random.key(call), max_new_tokens=8, eos_id=1,
-                          temperature=[0.0, 0.7, 1.0, 1.3][call], top_p=[1.0, 0.9, 0.5, 1.0][call])  # fmt: skip
+        sampling.generate(
+            params,
+            cfg,
+            tokens,
+            mask,
+            jax.random.key(call),
+            max_new_tokens=8,
+            eos_id=1,
+            temperature=[0.0, 0.7, 1.0, 1.3][call],
+            top_p=[1.0, 0.9, 0.5, 1.0][call],
+        )
     assert sampling._generate_cached._cache_size() == before + 1
     tokens, mask = sampling.pad_prompts([list(range(2, 22))], pad_id=0, buckets=(16, 32))  # the next bucket
     sampling.generate(params, cfg, tokens, mask, jax.random.key(0), max_new_tokens=8, eos_id=1)
@@ -63,12 +73,14 @@ def test_eos_stops_a_row_and_masks_the_rest():
     cfg = make_cfg("tiny")
     params = params_for(cfg)
     tokens, mask = sampling.pad_prompts(PROMPTS, pad_id=0)
-    free = sampling.generate(params, cfg, tokens, mask, jax.random.key(0), max_new_tokens=10, eos_id=-1,
-                             temperature=0.0)  # fmt: skip
+    free = sampling.generate(
+        params, cfg, tokens, mask, jax.random.key(0), max_new_tokens=10, eos_id=-1, temperature=0.0
+    )
     assert np.asarray(free.mask).all()  # no EOS possible: every row runs to max_new_tokens
     eos = int(free.tokens[0, 2])  # make row 0's third greedy token the EOS
-    out = sampling.generate(params, cfg, tokens, mask, jax.random.key(0), max_new_tokens=10, eos_id=eos, pad_id=0,
-                            temperature=0.0)  # fmt: skip
+    out = sampling.generate(
+        params, cfg, tokens, mask, jax.random.key(0), max_new_tokens=10, eos_id=eos, pad_id=0, temperature=0.0
+    )
     out_tokens, out_mask = np.asarray(out.tokens), np.asarray(out.mask)
     for row in range(len(PROMPTS)):
         hits = np.flatnonzero(np.asarray(free.tokens[row]) == eos)

@@ -178,28 +178,50 @@ def _pipeline(
 
 
 def sft_batches(
-    source: Any, fmt: TextFormat, batch_size: int, seed: int, *, shuffle: bool = True, num_epochs: int | None = None,
-    shard: tuple[int, int] | None = None, threads: int = 2,
-) -> grain.IterDataset:  # fmt: skip
+    source: Any,
+    fmt: TextFormat,
+    batch_size: int,
+    seed: int,
+    *,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    shard: tuple[int, int] | None = None,
+    threads: int = 2,
+) -> grain.IterDataset:
     """Demonstrations -> SFT batches (see the module docstring). ``num_epochs=None`` repeats forever."""
     encode = functools.partial(encode_demo, fmt=fmt)
     return _pipeline(source, "demos", encode, batch_size, seed, shuffle, num_epochs, shard, threads)
 
 
 def prompt_batches(
-    source: Any, fmt: TextFormat, batch_size: int, seed: int, *, shuffle: bool = True, num_epochs: int | None = None,
-    shard: tuple[int, int] | None = None, threads: int = 2,
-) -> grain.IterDataset:  # fmt: skip
+    source: Any,
+    fmt: TextFormat,
+    batch_size: int,
+    seed: int,
+    *,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    shard: tuple[int, int] | None = None,
+    threads: int = 2,
+) -> grain.IterDataset:
     """Prompts -> left-padded generation batches."""
     encode = functools.partial(encode_prompt, fmt=fmt)
     return _pipeline(source, "prompts", encode, batch_size, seed, shuffle, num_epochs, shard, threads)
 
 
 def comparison_batches(
-    source: Any, fmt: TextFormat, batch_size: int, seed: int, *, k_max: int = formats.MAX_K,
-    pairs_as_examples: bool = False, shuffle: bool = True, num_epochs: int | None = None,
-    shard: tuple[int, int] | None = None, threads: int = 2,
-) -> grain.IterDataset:  # fmt: skip
+    source: Any,
+    fmt: TextFormat,
+    batch_size: int,
+    seed: int,
+    *,
+    k_max: int = formats.MAX_K,
+    pairs_as_examples: bool = False,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    shard: tuple[int, int] | None = None,
+    threads: int = 2,
+) -> grain.IterDataset:
     """Comparisons -> RM batches, all K completions of a prompt together (or one pair per element)."""
     if not pairs_as_examples:
         encode = functools.partial(encode_comparison, fmt=fmt, k_max=k_max)
@@ -213,8 +235,11 @@ def comparison_batches(
     def encode_pair(entry):
         i, winner, loser = entry
         row = decode(source[i], "comparisons")
-        pair = {"prompt": row["prompt"], "completions": [row["completions"][winner], row["completions"][loser]],
-                "ranking": [[0], [1]]}  # fmt: skip
+        pair = {
+            "prompt": row["prompt"],
+            "completions": [row["completions"][winner], row["completions"][loser]],
+            "ranking": [[0], [1]],
+        }
         return encode_comparison(pair, fmt, k_max=2)
 
     ds = _records(index, seed, shuffle, num_epochs, shard).map(encode_pair)
@@ -222,9 +247,16 @@ def comparison_batches(
 
 
 def pretrain_batches(
-    source: Any, tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int, *, counter: _Counter | None = None,
-    shard: tuple[int, int] | None = None, threads: int = 2,
-) -> grain.IterDataset:  # fmt: skip
+    source: Any,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    *,
+    counter: _Counter | None = None,
+    shard: tuple[int, int] | None = None,
+    threads: int = 2,
+) -> grain.IterDataset:
     """Pretraining text -> rows of ``seq_len`` tokens packed first-fit with segment ids, forever."""
     counter = counter or _Counter()
 

@@ -1,0 +1,277 @@
+"""Stage 1, supervised fine-tuning (paper_spec §1), and stage 0, pretraining: ``train(config, workdir)``.
+
+The objective is ``losses.lm_loss``. With ``data.kind='demos'`` the loss covers the response and its
+EOS (the prompt is masked unless ``data.prompt_in_loss``); with ``data.kind='pretrain'`` it is plain
+language modelling on packed text, which builds the synthetic world's base model. ``data.ptx_fraction``
+mixes pretraining sequences into every SFT batch (the paper's PPO-init SFT: 10%), with the loss the
+token mean over both.
+
+Checkpoint selection: every evaluation records ``val_loss`` and, when ``score_fn(params)`` is given
+(mean RM score on validation prompts once the RM exists, as the paper selects; or the gold score in the
+synthetic world), its score. The best by ``config.select_by`` is kept in ``workdir/best``.
+
+Rerunning the same command resumes from ``workdir/checkpoints`` exactly: params, optimizer, step, RNG,
+data iterators and the best-so-far.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from instructjax import checkpoint, losses, metrics, optim, sharding, steps
+from instructjax.data import pipeline, tfds_builder
+from instructjax.model import ModelConfig, Transformer, count_params
+from instructjax.tokenizer import load_tokenizer
+
+
+def _data_paths(config: Any) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    if not config.data.world_dir:
+        raise ValueError("config.data.world_dir is not set (scripts/make_synthetic_data.py writes a world)")
+    world = pathlib.Path(config.data.world_dir)
+    tokenizer = pathlib.Path(config.data.tokenizer) if config.data.tokenizer else world / "tokenizer.json"
+    cache = pathlib.Path(config.data.cache_dir) if config.data.cache_dir else world / "tfds"
+    return world, tokenizer, cache
+
+
+def train(config: Any, workdir: str | pathlib.Path, score_fn: Callable[[Any], float] | None = None) -> dict[str, Any]:
+    """Train, evaluate and checkpoint; returns the final summary (also written to ``summary.json``)."""
+    # ----------------------------------------------------------------- Set-up: workdir, mesh
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1) + "\n")
+    mesh, rules = sharding.make_mesh(config.mesh_shape), sharding.as_rules(config.rules)
+    cfg = ModelConfig.from_dict(config.model)
+    model = Transformer(cfg)
+
+    # ----------------------------------------------------------------- Data
+    world, tokenizer_path, cache = _data_paths(config)
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.vocab_size}")
+    fmt = pipeline.TextFormat(
+        tokenizer,
+        config.data.max_len,
+        config.data.max_prompt_len,
+        config.data.prompt_template,
+        config.data.prompt_in_loss,
+    )
+    pretraining = config.data.kind == "pretrain"
+    if config.data.kind not in ("demos", "pretrain"):
+        raise ValueError(f"config.data.kind={config.data.kind!r}: expected 'demos' or 'pretrain'")
+    batch_size = config.batch_size
+    sharding.check_batch_size("config.batch_size", batch_size, mesh, rules)
+    sharding.check_batch_size("config.eval_batch_size", config.eval_batch_size, mesh, rules)
+    ptx_rows = 0
+    if pretraining:
+        files = {"train": world / config.data.pretrain_file, "valid": world / config.data.pretrain_valid_file}
+        src = tfds_builder.build("pretrain", files, cache, config.data.skip_bad)
+        iters = {
+            "train": iter(
+                pipeline.pretrain_batches(
+                    src["train"], tokenizer, config.data.max_len, batch_size, config.seed, counter=fmt.counter
+                )
+            )
+        }
+        eval_iter = pipeline.pretrain_batches(
+            src["valid"], tokenizer, config.data.max_len, config.eval_batch_size, seed=12345, counter=fmt.counter
+        )
+        eval_batches = list(_take(iter(eval_iter), config.eval_batches or 8))
+        # A packed row holds several documents: count epochs in tokens, approximated by documents per row.
+        train_size = math.ceil(len(src["train"]) / max(1.0, _docs_per_row(eval_batches)))
+    else:
+        files = {"train": world / config.data.train_file, "valid": world / config.data.valid_file}
+        src = tfds_builder.build("demos", files, cache, config.data.skip_bad)
+        iters = {"train": iter(pipeline.sft_batches(src["train"], fmt, batch_size, config.seed))}
+        eval_batches = list(
+            pipeline.sft_batches(src["valid"], fmt, config.eval_batch_size, 0, shuffle=False, num_epochs=1)
+        )
+        train_size = len(src["train"])
+        if config.data.ptx_fraction > 0:
+            # Pretraining rows per step, rounded up to whole batch shards; the share used is logged.
+            ptx_rows = math.ceil(batch_size * config.data.ptx_fraction / (1 - config.data.ptx_fraction))
+            divisor = sharding.batch_divisor(mesh, rules)
+            ptx_rows = divisor * math.ceil(ptx_rows / divisor)
+            ptx_src = tfds_builder.build("pretrain", {"train": world / config.data.pretrain_file}, cache)["train"]
+            iters["ptx"] = iter(
+                pipeline.pretrain_batches(
+                    ptx_src, tokenizer, config.data.max_len, ptx_rows, config.seed + 1, counter=fmt.counter
+                )
+            )
+    accum = config.optim.grad_accum_steps
+    total_steps = config.num_steps or math.ceil(config.num_epochs * train_size / (batch_size * accum))
+
+    # ----------------------------------------------------------------- Model, optimizer, sharded state
+    tx = optim.make_optimizer(config.optim, total_steps)
+    example = np.zeros((1, config.data.max_len), np.int32)
+    state, state_sh = steps.create_train_state(lambda r: model.init(r, example)["params"], tx, mesh, rules, config.seed)
+    n_params = count_params(state.params)
+    if config.init_from:
+        state = state.replace(params=checkpoint.load_params(config.init_from, state.params, state_sh.params))
+
+    # ----------------------------------------------------------------- Restore (automatic resume)
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+    meta = {"best": None, "best_step": None, "evals": [], "train_seconds": 0.0}
+    restored = ckpt.restore(state, state_sh, iters)
+    if restored is not None:
+        state, meta = restored
+    start_step = int(state.step) // accum
+
+    # ----------------------------------------------------------------- Steps
+    def loss_fn(params, batch, rng):
+        deterministic = rng is None
+        rngs = None if deterministic else {"dropout": rng}
+        if "segment_ids" in batch:
+            logits = model.apply(
+                {"params": params},
+                batch["tokens"],
+                segment_ids_bt=batch["segment_ids"],
+                deterministic=deterministic,
+                rngs=rngs,
+            )
+        else:
+            logits = model.apply(
+                {"params": params}, batch["tokens"], batch["mask"], deterministic=deterministic, rngs=rngs
+            )
+        loss, n_tokens = losses.lm_loss(logits, batch["tokens"], batch["loss_mask"])
+        # loss_tokens weight the loss; real_tokens (non-pad) and computed_tokens (B*T) measure throughput.
+        out = {"loss_tokens": n_tokens, "real_tokens": batch["mask"].sum(), "computed_tokens": batch["tokens"].size}
+        if "ptx_tokens" in batch:  # PPO-init SFT: token mean over demonstrations and pretraining text
+            ptx_rngs = None if deterministic else {"dropout": jax.random.fold_in(rng, 1)}
+            ptx_logits = model.apply(
+                {"params": params},
+                batch["ptx_tokens"],
+                segment_ids_bt=batch["ptx_segment_ids"],
+                deterministic=deterministic,
+                rngs=ptx_rngs,
+            )
+            ptx_loss, ptx_tokens = losses.lm_loss(ptx_logits, batch["ptx_tokens"], batch["ptx_loss_mask"])
+            out.update(sft_loss=loss, ptx_loss=ptx_loss, loss_tokens=n_tokens + ptx_tokens)
+            out["real_tokens"] += batch["ptx_mask"].sum()
+            out["computed_tokens"] += batch["ptx_tokens"].size
+            loss = (loss * n_tokens + ptx_loss * ptx_tokens) / (n_tokens + ptx_tokens)
+        return loss, out
+
+    train_step = steps.make_train_step(loss_fn, tx, state_sh, config.nan_policy)
+    eval_step = steps.make_eval_step(loss_fn, state_sh.params)
+
+    def next_batch():
+        batch = next(iters["train"])
+        if "ptx" in iters:
+            batch.update({f"ptx_{k}": v for k, v in next(iters["ptx"]).items()})
+        return sharding.to_global(batch, mesh, rules)
+
+    def evaluate(params) -> dict[str, float]:
+        total = count = 0.0
+        for batch in eval_batches:
+            out = eval_step(params, sharding.to_global(batch, mesh, rules))
+            total += float(out["loss"]) * float(out["loss_tokens"])
+            count += float(out["loss_tokens"])
+        result = {"val_loss": total / max(count, 1.0)}
+        if score_fn is not None:
+            result["score"] = float(score_fn(params))
+        return result
+
+    # ----------------------------------------------------------------- Train loop
+    writer = metrics.MetricsWriter(workdir, total_steps, resume_step=start_step, desc=config.stage)
+    flops_per_token = metrics.training_flops_per_token(cfg, config.data.max_len)
+    peak = metrics.peak_flops_per_device() * jax.device_count()
+    writer.write(
+        start_step,
+        {
+            "event": "start",
+            "params": n_params,
+            "total_steps": total_steps,
+            "ptx_share": ptx_rows / (ptx_rows + batch_size),
+            "devices": jax.device_count(),
+            "resumed": restored is not None,
+        },
+    )
+    real_since = computed_since = 0.0
+    timer, compile_seconds = time.perf_counter(), None
+    status = "done"
+    try:  # on any exception, still finish in-flight checkpoint writes: a crash loses at most the work since
+        # the last save
+        with sharding.use(mesh, rules), checkpoint.PreemptionGuard() as guard:
+            for step in range(start_step, total_steps):
+                if guard.requested:
+                    status = "preempted"
+                    break
+                for _ in range(accum):
+                    t0 = time.perf_counter()
+                    state, out = train_step(state, next_batch())
+                    if config.nan_policy == "stop":
+                        steps.check_finite(step + 1, {k: out[k] for k in ("loss", "grad_norm", "finite")})
+                    if compile_seconds is None:
+                        compile_seconds = time.perf_counter() - t0
+                        writer.write(step, {"event": "compiled", "compile_seconds": compile_seconds})
+                        timer = time.perf_counter()
+                    else:
+                        real_since += float(out["real_tokens"])
+                        computed_since += float(out["computed_tokens"])
+                done = step + 1
+                if done % config.log_every == 0 or done == total_steps:
+                    elapsed = max(time.perf_counter() - timer, 1e-9)
+                    row = {k: float(v) for k, v in out.items() if k != "finite"}
+                    row.update(
+                        lr=float(optim.lr_schedule(config.optim, total_steps)(done)),
+                        tokens_per_s=real_since / elapsed,  # non-pad tokens
+                        mfu=computed_since / elapsed * flops_per_token / peak,  # every computed position
+                        skipped_steps=int(state.skipped_steps),
+                    )
+                    writer.write(done, row)
+                    writer.progress(done, loss=row["loss"], tok_s=row["tokens_per_s"], mfu=row["mfu"])
+                    meta["train_seconds"] += elapsed
+                    real_since = computed_since = 0.0
+                    timer = time.perf_counter()
+                if done % config.eval_every == 0 or done == total_steps:
+                    result = evaluate(state.params)
+                    key = "score" if config.select_by == "score" else "val_loss"
+                    value = result[key]
+                    better = meta["best"] is None or (value > meta["best"] if key == "score" else value < meta["best"])
+                    if better:
+                        meta["best"], meta["best_step"] = value, done
+                        ckpt.save_best(state.params, done)
+                    meta["evals"].append({"step": done, **result})
+                    writer.write(done, {**result, f"best_{key}": meta["best"]})
+                    timer = time.perf_counter()
+                if done % config.checkpoint_every == 0 or done == total_steps:
+                    ckpt.save(state, iters, meta)
+            if status == "preempted":
+                ckpt.save(state, iters, meta)
+    finally:
+        ckpt.close()
+        writer.close()
+
+    # ----------------------------------------------------------------- Finish
+    summary = {
+        "status": status,
+        "step": int(state.step) // accum,
+        "total_steps": total_steps,
+        "params": n_params,
+        "final": meta["evals"][-1] if meta["evals"] else None,
+        "best": meta["best"],
+        "best_step": meta["best_step"],
+        "train_seconds": meta["train_seconds"],
+        "truncation": fmt.stats.as_dict(),
+    }
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _take(it, n):
+    for _ in range(n):
+        yield next(it)
+
+
+def _docs_per_row(batches: list[dict]) -> float:
+    return float(np.mean([b["segment_ids"].max(axis=1).mean() for b in batches]))

@@ -1,0 +1,146 @@
+"""SFT / pretraining stage: learning, exact resume after a crash or SIGTERM, mesh change, NaN policy."""
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+from conftest import load_config
+
+from instructjax import checkpoint, steps, train_sft
+from instructjax.metrics import read_metrics
+
+
+def sft_config(world, **overrides):
+    config = load_config("configs/sft.py", overrides.pop("preset", "tiny"))
+    config.data.world_dir = str(world)
+    config.update_from_flattened_dict(
+        {"num_steps": 8, "log_every": 2, "eval_every": 4, "checkpoint_every": 4, "batch_size": 8, **overrides}
+    )
+    return config
+
+
+def final_params(config, workdir):
+    _, abstract = _abstract(config)
+    return checkpoint.load_params(workdir, abstract, jax.tree.map(lambda _: None, abstract))
+
+
+def _abstract(config):
+    from instructjax.model import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig.from_dict(config.model))
+    import flax.linen as nn
+
+    return model, jax.eval_shape(
+        lambda r: nn.unbox(model.init(r, np.zeros((1, 8), np.int32))["params"]), jax.random.key(0)
+    )
+
+
+def assert_same_params(a, b):
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def straight_run(small_world, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    config = sft_config(small_world)
+    summary = train_sft.train(config, workdir)
+    return config, workdir, summary
+
+
+def test_sft_learns_and_writes_a_self_describing_workdir(small_world, tmp_path):
+    config = sft_config(small_world, num_steps=40, eval_every=5, checkpoint_every=20, **{"optim.lr": 3e-3})
+    summary = train_sft.train(config, tmp_path)
+    evals = [r for r in read_metrics(tmp_path) if "val_loss" in r]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3  # step 5 -> step 40
+    assert evals[-1]["val_loss"] < np.log(512) - 2  # far below a uniform guess over the vocabulary
+    assert summary["status"] == "done" and summary["step"] == 40
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["d_model"] == 64
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    rows = read_metrics(tmp_path)
+    assert any(r.get("event") == "compiled" and r["compile_seconds"] > 0 for r in rows)
+    train_rows = [r for r in rows if "tokens_per_s" in r]
+    assert all(r["mfu"] > 0 and r["lr"] > 0 for r in train_rows)
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert summary["best_step"] == best["step"] and checkpoint.final_step(tmp_path / "../" / tmp_path.name) == 40
+    assert (tmp_path / "best" / str(best["step"])).exists()
+
+
+def test_crash_then_rerun_resumes_exactly(straight_run, tmp_path, monkeypatch):
+    config, straight_dir, _ = straight_run
+    real_check = steps.check_finite
+
+    def crash_at_step_6(step, metrics):
+        if step == 6:
+            raise RuntimeError("simulated crash")
+        real_check(step, metrics)
+
+    monkeypatch.setattr(steps, "check_finite", crash_at_step_6)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_sft.train(config, tmp_path)
+    assert checkpoint.final_step(tmp_path) == 4  # the crash lost only the work since the last checkpoint
+    monkeypatch.setattr(steps, "check_finite", real_check)
+    summary = train_sft.train(config, tmp_path)
+    assert summary["step"] == 8
+    assert_same_params(final_params(config, tmp_path), final_params(config, straight_dir))
+    logged = [r["step"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert logged == sorted(set(logged)) == [2, 4, 6, 8]  # no duplicate rows after the resume
+
+
+def test_sigterm_saves_and_rerun_finishes_identically(straight_run, tmp_path, monkeypatch):
+    config, straight_dir, _ = straight_run
+    real_check = steps.check_finite
+
+    def preempt_at_step_5(step, metrics):
+        real_check(step, metrics)
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(steps, "check_finite", preempt_at_step_5)
+    summary = train_sft.train(config, tmp_path)
+    assert summary["status"] == "preempted" and checkpoint.final_step(tmp_path) == 5
+    monkeypatch.setattr(steps, "check_finite", real_check)
+    assert train_sft.train(config, tmp_path)["status"] == "done"
+    assert_same_params(final_params(config, tmp_path), final_params(config, straight_dir))
+
+
+def test_resume_on_a_different_mesh(straight_run, small_world, tmp_path, monkeypatch):
+    config, straight_dir, _ = straight_run
+    real_check = steps.check_finite
+
+    def preempt_at_step_4(step, metrics):
+        real_check(step, metrics)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(steps, "check_finite", preempt_at_step_4)
+    train_sft.train(sft_config(small_world, mesh_shape=(1, 8, 1)), tmp_path)
+    monkeypatch.setattr(steps, "check_finite", real_check)
+    summary = train_sft.train(sft_config(small_world, mesh_shape=(2, 2, 2)), tmp_path)  # fsdp=8 -> 2x2x2
+    assert summary["step"] == 8
+    assert_same_params(final_params(config, tmp_path), final_params(config, straight_dir))
+
+
+def test_non_finite_loss_stops_naming_the_step(small_world, tmp_path):
+    config = sft_config(small_world, **{"optim.lr": float("inf")})
+    with pytest.raises(FloatingPointError, match="non-finite values at step 1"):
+        train_sft.train(config, tmp_path / "stop")
+    config = sft_config(small_world, nan_policy="skip", num_steps=3, **{"optim.lr": float("inf")})
+    train_sft.train(config, tmp_path / "skip")
+    rows = [r for r in read_metrics(tmp_path / "skip") if "skipped_steps" in r]
+    assert rows[-1]["skipped_steps"] == 3 and np.isfinite(rows[-1]["loss"])
+
+
+def test_pretraining_and_ptx_mix(small_world, tmp_path):
+    base = sft_config(small_world, preset="base", num_steps=6, eval_every=3, **{"data.max_len": 64})
+    summary = train_sft.train(base, tmp_path / "base")
+    assert np.isfinite(summary["final"]["val_loss"])
+    mixed = sft_config(small_world, preset="ppo_init", num_steps=4, init_from=str(tmp_path / "base"))
+    train_sft.train(mixed, tmp_path / "ppo_init")
+    row = [r for r in read_metrics(tmp_path / "ppo_init") if "ptx_loss" in r][-1]
+    assert row["ptx_loss"] > 0 and row["sft_loss"] > 0
+    # init_from really loaded the base model: the first SFT loss is far below a random model's log(512)
+    assert row["ptx_loss"] < np.log(512)
