@@ -99,7 +99,7 @@ def final_step(workdir: str | pathlib.Path) -> int | None:
     directory = pathlib.Path(workdir).absolute() / "checkpoints"
     if not directory.exists():
         return None
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as manager:
         return manager.latest_step()
 
 
@@ -110,7 +110,7 @@ def load_params(
     ``best``), placed on ``shardings``: the hand-off SFT -> RM, SFT -> PPO. ``params_like`` gives
     shapes and dtypes (arrays or ``ShapeDtypeStruct``s)."""
     directory = pathlib.Path(workdir).absolute() / ("best" if best else "checkpoints")
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {directory}")

@@ -9,8 +9,9 @@ decoding), D d_model, N query heads, K kv heads (GQA), H head_dim, F mlp hidden,
 Padding and positions. ``mask_bt`` marks real tokens (1) and padding (0). Prompts are left-padded
 for generation, so positions come from ``cumsum(mask) - 1`` (clamped at 0 on the pads): a left-padded
 row gets the same positions, and therefore the same per-token outputs, as the unpadded row. A query
-always attends to itself as well as to the real keys before it; this keeps pad rows finite (their
-outputs are meaningless and are masked by every loss).
+always attends to itself as well as to the real keys before it, so no row of the attention mask is
+empty: a pad query is well defined under any masking implementation (an all-masked row would be
+uniform with a finite fill, NaN with -inf). Pad outputs are meaningless and masked by every loss.
 
 KV cache. ``init_cache`` returns an explicit pytree::
 

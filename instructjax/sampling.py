@@ -232,10 +232,15 @@ def generate(
     """
     if cfg.head != "lm":
         raise ValueError(f"generate needs a language-model head, got model.head={cfg.head!r}")
-    if prompt_bt.shape[1] + max_new_tokens > cfg.max_len and cfg.positions == "learned":
-        raise ValueError(
-            f"prompt ({prompt_bt.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds model.max_len={cfg.max_len}"
+    if cfg.positions == "learned":  # positions past the learned table would silently clamp
+        # Real lengths when the mask is on the host; the padded width (an upper bound) otherwise.
+        longest = (
+            int(prompt_mask_bt.sum(axis=1).max()) if isinstance(prompt_mask_bt, np.ndarray) else prompt_bt.shape[1]
         )
+        if longest + max_new_tokens > cfg.max_len:
+            raise ValueError(
+                f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds model.max_len={cfg.max_len}"
+            )
     fn = _generate_cached if use_cache else _generate_recompute
     scalars = [jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32)]
     scalars += [jnp.asarray(eos_id, jnp.int32), jnp.asarray(pad_id, jnp.int32)]

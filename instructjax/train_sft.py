@@ -44,6 +44,7 @@ def _data_paths(config: Any) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
 def train(config: Any, workdir: str | pathlib.Path, score_fn: Callable[[Any], float] | None = None) -> dict[str, Any]:
     """Train, evaluate and checkpoint; returns the final summary (also written to ``summary.json``)."""
     # ----------------------------------------------------------------- Set-up: workdir, mesh
+    wall_start = time.perf_counter()
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
@@ -119,7 +120,7 @@ def train(config: Any, workdir: str | pathlib.Path, score_fn: Callable[[Any], fl
 
     # ----------------------------------------------------------------- Restore (automatic resume)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-    meta = {"best": None, "best_step": None, "evals": [], "train_seconds": 0.0}
+    meta = {"best": None, "best_step": None, "evals": [], "train_seconds": 0.0, "wall_seconds": 0.0}
     restored = ckpt.restore(state, state_sh, iters)
     if restored is not None:
         state, meta = restored
@@ -244,6 +245,8 @@ def train(config: Any, workdir: str | pathlib.Path, score_fn: Callable[[Any], fl
                     writer.write(done, {**result, f"best_{key}": meta["best"]})
                     timer = time.perf_counter()
                 if done % config.checkpoint_every == 0 or done == total_steps:
+                    meta["wall_seconds"] += time.perf_counter() - wall_start  # this run's share, saved with the step
+                    wall_start = time.perf_counter()
                     ckpt.save(state, iters, meta)
             if status == "preempted":
                 ckpt.save(state, iters, meta)
@@ -261,6 +264,7 @@ def train(config: Any, workdir: str | pathlib.Path, score_fn: Callable[[Any], fl
         "best": meta["best"],
         "best_step": meta["best_step"],
         "train_seconds": meta["train_seconds"],
+        "wall_seconds": meta["wall_seconds"] + time.perf_counter() - wall_start,
         "truncation": fmt.stats.as_dict(),
     }
     if jax.process_index() == 0:

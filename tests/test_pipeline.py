@@ -141,6 +141,15 @@ def test_shuffle_is_seeded_and_process_shards_are_disjoint(world_dir, fmt):
     assert len(a) + len(b) >= 95 and not (a & b - {tuple(np.zeros(32, int))})
 
 
+def test_finite_pass_gives_every_process_the_same_number_of_batches(world_dir, fmt):
+    src = sources(world_dir, "prompts", test="prompts_test.jsonl")["test"]  # 20 prompts over 3 processes: 7, 7, 6
+    shards = [
+        list(pipeline.prompt_batches(src, fmt, batch_size=4, seed=0, num_epochs=1, shard=(p, 3))) for p in range(3)
+    ]
+    assert [len(b) for b in shards] == [2, 2, 2]
+    assert sum(int(b["row_valid"].sum()) for batches in shards for b in batches) == 20
+
+
 def test_truncation_is_counted(world_dir):
     tok = load_tokenizer(world_dir / "tokenizer.json")
     short = pipeline.TextFormat(tok, max_len=8, max_prompt_len=4)

@@ -165,6 +165,6 @@ def test_prompt_validation():
         sampling.pad_prompts([list(range(17))], pad_id=0, buckets=(16,))
     assert sampling.bucket_length(17, (16, 32)) == 32
     cfg = make_cfg("tiny")
-    tokens, mask = sampling.pad_prompts([[3]], pad_id=0, buckets=(120,))
-    with pytest.raises(ValueError, match="exceeds model.max_len=128"):
+    tokens, mask = sampling.pad_prompts([list(range(2, 122))], pad_id=0, buckets=(128,))
+    with pytest.raises(ValueError, match=r"prompt \(120 tokens\) \+ max_new_tokens \(16\) exceeds model.max_len=128"):
         sampling.generate(params_for(cfg), cfg, tokens, mask, jax.random.key(0), max_new_tokens=16, eos_id=1)

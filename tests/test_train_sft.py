@@ -144,3 +144,77 @@ def test_pretraining_and_ptx_mix(small_world, tmp_path):
     assert row["ptx_loss"] > 0 and row["sft_loss"] > 0
     # init_from really loaded the base model: the first SFT loss is far below a random model's log(512)
     assert row["ptx_loss"] < np.log(512)
+
+
+def test_five_steps_on_fsdp4_tensor2_match_one_device(small_world, tmp_path, monkeypatch):
+    from instructjax import sharding
+
+    real_make_mesh = sharding.make_mesh
+
+    def losses_on(shape):
+        if shape == (1, 1, 1):  # the whole run on one device: a mesh of only the first device
+            monkeypatch.setattr(sharding, "make_mesh", lambda s: real_make_mesh(s, devices=jax.devices()[:1]))
+        config = sft_config(small_world, num_steps=5, log_every=1, mesh_shape=shape, eval_every=100)
+        train_sft.train(config, tmp_path / str(shape))
+        monkeypatch.setattr(sharding, "make_mesh", real_make_mesh)
+        return [r["loss"] for r in read_metrics(tmp_path / str(shape)) if "tokens_per_s" in r]
+
+    one, sharded = losses_on((1, 1, 1)), losses_on((1, 4, 2))
+    assert len(one) == 5
+    np.testing.assert_allclose(sharded, one, atol=1e-5, rtol=0)
+
+
+KILL_SCRIPT = """
+import sys
+from conftest import load_config
+from instructjax import train_sft
+config = load_config("configs/sft.py", "tiny")
+config.data.world_dir = sys.argv[1]
+config.update_from_flattened_dict({"num_steps": 60, "checkpoint_every": 4, "eval_every": 1000, "batch_size": 8})
+train_sft.train(config, sys.argv[2])
+"""
+
+
+def test_sigkill_then_rerun_is_bit_identical(small_world, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    config = sft_config(small_world, num_steps=60, checkpoint_every=4, eval_every=1000)
+    train_sft.train(config, tmp_path / "straight")
+    script = tmp_path / "run.py"
+    script.write_text(KILL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(os.path.dirname(__file__))}
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(small_world), str(tmp_path / "killed")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    while (checkpoint.final_step(tmp_path / "killed") or 0) < 8 and time.time() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    killed_at = checkpoint.final_step(tmp_path / "killed")
+    assert killed_at is not None and killed_at < 60, killed_at  # it really died mid-training
+    assert train_sft.train(config, tmp_path / "killed")["step"] == 60
+    for a, b in zip(
+        jax.tree.leaves(final_params(config, tmp_path / "killed")),
+        jax.tree.leaves(final_params(config, tmp_path / "straight")),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bad_config_fails_before_compiling(small_world, tmp_path):
+    with pytest.raises(ValueError, match="needs 6 devices but 8 are available"):
+        train_sft.train(sft_config(small_world, mesh_shape=(1, 3, 2)), tmp_path / "a")
+    with pytest.raises(ValueError, match="config.batch_size=6 must be a multiple of 8"):
+        train_sft.train(sft_config(small_world, batch_size=6), tmp_path / "b")
+    with pytest.raises(AttributeError, match="bogus"):
+        sft_config(small_world, **{"optim.bogus": 1})
+    with pytest.raises(TypeError, match="lr"):
+        sft_config(small_world, **{"optim.lr": "fast"})
+    with pytest.raises(ValueError, match="config.data.world_dir is not set"):
+        train_sft.train(load_config("configs/sft.py", "tiny"), tmp_path / "c")

@@ -131,8 +131,12 @@ def encode_prompt(row: dict, fmt: TextFormat) -> dict[str, np.ndarray]:
     return {"prompt": tokens, "prompt_mask": mask}
 
 
-def _stack(batch_size: int, elements: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Stack elements, padding a short final batch with zero rows marked ``row_valid = 0``."""
+def _stack(batch_size: int, elements: Sequence[dict[str, np.ndarray] | None]) -> dict[str, np.ndarray]:
+    """Stack elements, padding a short final batch (and ``None`` padding elements) with zero rows
+    marked ``row_valid = 0``."""
+    elements = [e for e in elements if e is not None]
+    if not elements:
+        raise ValueError("a batch of padding only: a process has far fewer records than the batch size")
     out = {k: np.stack([e[k] for e in elements]) for k in elements[0]}
     missing = batch_size - len(elements)
     if missing:
@@ -148,8 +152,15 @@ def _records(
         import jax
 
         shard = (jax.process_index(), jax.process_count())
-    ds = grain.MapDataset.source(source)
-    ds = ds[shard[0] :: shard[1]]
+    if num_epochs is not None and shard[1] > 1:
+        # A finite pass must give every process the same number of batches (a collective step on a
+        # process that ran out would hang): shorter shards are padded with None, i.e. empty rows.
+        per_process = -(-len(source) // shard[1])
+        index = list(range(shard[0], len(source), shard[1]))
+        index += [-1] * (per_process - len(index))
+        ds = grain.MapDataset.source(index).map(lambda i: source[i] if i >= 0 else None)
+    else:
+        ds = grain.MapDataset.source(source)[shard[0] :: shard[1]]
     if len(ds) == 0:
         raise ValueError(f"process {shard[0]} of {shard[1]} has no records (dataset of {len(source)})")
     if shuffle:
@@ -173,7 +184,9 @@ def _pipeline(
     shard: tuple[int, int] | None,
     threads: int,
 ) -> grain.IterDataset:
-    ds = _records(source, seed, shuffle, num_epochs, shard).map(lambda r: encode(decode(r, kind)))
+    ds = _records(source, seed, shuffle, num_epochs, shard).map(
+        lambda r: None if r is None else encode(decode(r, kind))
+    )
     return _batched(ds, batch_size, num_epochs, threads)
 
 
@@ -233,6 +246,8 @@ def comparison_batches(
             index.append((i, winner, loser))
 
     def encode_pair(entry):
+        if entry is None:
+            return None
         i, winner, loser = entry
         row = decode(source[i], "comparisons")
         pair = {

@@ -114,6 +114,7 @@ def build(
     out_dir = dataset_dir(kind, splits, root, skip_bad)
     builder = InstructJsonl(kind=kind, splits=splits, skip_bad=skip_bad, data_dir=out_dir, file_format="array_record")
     if jax.process_index() == 0:
+        tfds.disable_progress_bar()  # our own progress display is the training bar
         builder.download_and_prepare()
         for split, report in builder.reports.items():
             if report.n_skipped:

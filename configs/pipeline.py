@@ -1,0 +1,63 @@
+"""The default job: the synthetic world through every stage that exists, then evaluation.
+
+    python scripts/pipeline.py --workdir=workdirs/default
+    python scripts/pipeline.py --workdir=/tmp/quick --config=configs/pipeline.py:quick
+
+Stages (each in its own sub-workdir, skipped when finished, resumed when interrupted): ``world`` (the
+synthetic data), ``base`` (stage 0 pretraining), ``sft`` (the paper's 16-epoch SFT, from the base
+model), ``ppo_init`` (2 epochs with 10% pretraining mixed in, App. C.3). The reward model and PPO join
+when they land. Presets: ``default`` (this machine, minutes) and ``quick`` (a smoke run for tests and
+the notebook).
+"""
+
+import ml_collections
+
+from instructjax.configlib import sibling
+
+sft = sibling(__file__, "sft")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    preset = arg or "default"
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # world generation seed (each stage has its own training seed)
+    c.world = ml_collections.ConfigDict()  # rows per file of the synthetic world (instructjax/data/world.py)
+    c.world.pretrain_train = 20_000
+    c.world.pretrain_heldout = 1_000
+    c.world.demos_train = 4_000
+    c.world.demos_valid = 500
+    c.world.comparisons_train = 2_000
+    c.world.comparisons_valid = 250
+    c.world.prompts_train = 1_000
+    c.world.prompts_valid = 1_000
+    c.world.prompts_test = 1_000
+    c.base = sft.get_config("base")  # stage 0 (configs/sft.py:base)
+    c.sft = sft.get_config("tiny")  # stage 1: 16 epochs, dropout 0.2
+    c.ppo_init = sft.get_config("ppo_init")  # PPO's starting point and KL reference
+    c.eval = ml_collections.ConfigDict()
+    c.eval.prompts = 1000  # test prompts scored with the gold score
+    c.eval.max_new_tokens = 16  # longer than any answer: a model that never stops is cut here
+    c.eval.batch_size = 200
+    c.eval.samples_in_report = 12
+
+    if preset == "quick":
+        c.world.update(
+            dict(
+                pretrain_train=600,
+                pretrain_heldout=40,
+                demos_train=200,
+                demos_valid=40,
+                comparisons_train=40,
+                comparisons_valid=10,
+                prompts_train=40,
+                prompts_valid=40,
+                prompts_test=40,
+            )
+        )
+        for stage in (c.base, c.sft, c.ppo_init):
+            stage.update_from_flattened_dict({"num_steps": 6, "eval_every": 3, "log_every": 3, "batch_size": 8})
+        c.eval.prompts = 40
+        c.eval.batch_size = 40
+    elif preset != "default":
+        raise ValueError(f"unknown pipeline preset {preset!r}: default, quick")
+    return c

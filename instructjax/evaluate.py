@@ -1,0 +1,152 @@
+"""Load a trained stage and measure it: samples on held-out prompts, the synthetic world's gold score.
+
+``load_stage(workdir)`` rebuilds the model from the stage's ``config.json`` and loads its params
+(latest or best checkpoint). ``sample_texts`` decodes responses with ``sampling.generate``;
+``gold_eval`` scores them with ``world.gold_score`` (the stand-in for the paper's human evaluation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from instructjax import checkpoint, sampling, sharding
+from instructjax.model import ModelConfig, Transformer
+from instructjax.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclasses.dataclass
+class Stage:
+    """A trained stage, ready to sample from."""
+
+    config: ml_collections.ConfigDict
+    model_cfg: ModelConfig
+    params: Any
+    tokenizer: Tokenizer
+    mesh: jax.sharding.Mesh
+    rules: sharding.Rules
+
+
+def load_stage(workdir: str | pathlib.Path, best: bool = False, mesh_shape: Sequence[int] | None = None) -> Stage:
+    """The model, params (latest checkpoint, or the best evaluation with ``best``) and tokenizer of a stage."""
+    workdir = pathlib.Path(workdir)
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    cfg = dataclasses.replace(ModelConfig.from_dict(config.model), dropout_rate=0.0)
+    mesh = sharding.make_mesh(mesh_shape or config.mesh_shape)
+    rules = sharding.as_rules(config.rules)
+    model = Transformer(cfg)
+    with sharding.use(mesh, rules):
+        abstract = sharding.abstract_params(model, np.zeros((1, 8), np.int32))
+        shapes = sharding.strip_boxes(abstract)
+        shardings = sharding.logical_to_shardings(sharding.logical_axes(abstract), shapes, mesh, rules)
+    params = checkpoint.load_params(workdir, shapes, shardings, best=best)
+    world = pathlib.Path(config.data.world_dir)
+    tokenizer = load_tokenizer(config.data.tokenizer or world / "tokenizer.json")
+    return Stage(config, cfg, params, tokenizer, mesh, rules)
+
+
+def random_stage(config: Any, tokenizer: Tokenizer) -> Stage:
+    """An untrained model of ``config`` (for trying the sampler)."""
+    cfg = ModelConfig.from_dict(config.model)
+    mesh, rules = sharding.make_mesh(config.mesh_shape), sharding.as_rules(config.rules)
+    params, _ = sharding.init_params(
+        Transformer(cfg), jax.random.key(config.seed), np.zeros((1, 8), np.int32), mesh, rules
+    )
+    return Stage(config, cfg, params, tokenizer, mesh, rules)
+
+
+def sample_texts(
+    stage: Stage,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 16,
+    batch_size: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    template: str | None = None,
+) -> list[tuple[str, bool]]:
+    """``(response text before EOS, whether it stopped)`` for each prompt, in order.
+
+    Prompts are batched ``batch_size`` at a time (the last batch padded with repeats, which are dropped),
+    so every call of one size compiles once per prompt bucket.
+    """
+    template = template or stage.config.data.get("prompt_template", "{prompt}")
+    tok = stage.tokenizer
+    divisor = sharding.batch_divisor(stage.mesh, stage.rules)
+    batch_size = divisor * -(-batch_size // divisor)
+    out: list[tuple[str, bool]] = []
+    rng = jax.random.key(seed)
+    with sharding.use(stage.mesh, stage.rules):
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            ids = [tok.encode(template.format(prompt=p)) for p in chunk]
+            ids += [ids[-1]] * (batch_size - len(ids))
+            tokens, mask = sampling.pad_prompts(ids, tok.pad_id)
+            batch = sharding.to_global((tokens, mask), stage.mesh, stage.rules)
+            gen = sampling.generate(
+                stage.params,
+                stage.model_cfg,
+                *batch,
+                jax.random.fold_in(rng, start),
+                max_new_tokens=max_new_tokens,
+                eos_id=tok.eos_id,
+                pad_id=tok.pad_id,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+            )
+            gen_tokens = np.asarray(gen.tokens)
+            out += [tok.decode_response(gen_tokens[i].tolist()) for i in range(len(chunk))]
+    return out
+
+
+def gold_eval(stage: Stage, prompts: Sequence[str], **sample_kwargs: Any) -> dict[str, Any]:
+    """Mean gold score, stop rate and response length on ``prompts`` (greedy unless told otherwise),
+    with every (prompt, response, gold) for the report."""
+    from instructjax.data import world
+
+    responses = sample_texts(stage, prompts, **sample_kwargs)
+    rows = [
+        {"prompt": p, "response": text, "stopped": stopped, "gold": world.gold_score(p, text, stopped)}
+        for p, (text, stopped) in zip(prompts, responses, strict=True)
+    ]
+    return {
+        "gold_score": float(np.mean([r["gold"] for r in rows])),
+        "stop_rate": float(np.mean([r["stopped"] for r in rows])),
+        "response_words": float(np.mean([len(r["response"].split()) for r in rows])),
+        "samples": rows,
+    }
+
+
+def pretrain_nll(stage: Stage, text_file: str | pathlib.Path, seq_len: int = 128, batches: int = 8) -> float:
+    """Mean next-token NLL on held-out pretraining text: the alignment-tax probe (lower is better)."""
+    from instructjax import losses
+    from instructjax.data import pipeline, tfds_builder
+
+    world = pathlib.Path(stage.config.data.world_dir)
+    cache = stage.config.data.cache_dir or world / "tfds"
+    source = tfds_builder.build("pretrain", {"heldout": text_file}, cache)["heldout"]
+    divisor = sharding.batch_divisor(stage.mesh, stage.rules)
+    it = iter(pipeline.pretrain_batches(source, stage.tokenizer, seq_len, 2 * divisor * -(-8 // divisor), seed=0))
+    model = Transformer(stage.model_cfg)
+
+    @jax.jit
+    def nll(params, batch):
+        logits = model.apply({"params": params}, batch["tokens"], segment_ids_bt=batch["segment_ids"])
+        return losses.lm_loss(logits, batch["tokens"], batch["loss_mask"])
+
+    total = count = 0.0
+    with sharding.use(stage.mesh, stage.rules):
+        for _ in range(batches):
+            loss, n = nll(stage.params, sharding.to_global(next(it), stage.mesh, stage.rules))
+            total, count = total + float(loss) * float(n), count + float(n)
+    return total / count

@@ -1,0 +1,131 @@
+"""The main job: every stage in order on the synthetic world, then the evaluation and a report.
+
+``run(config, workdir)`` (``configs/pipeline.py``): world -> base -> sft and ppo_init -> evaluation.
+Each stage has its own sub-workdir; a finished stage (``summary.json`` with status ``done``) is
+skipped, an interrupted one resumes from its checkpoint, so rerunning the command continues the job.
+Outputs: ``results.json``, ``report.md`` and ``training_curves.png`` in ``workdir``.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+
+from instructjax import evaluate, metrics, train_sft
+from instructjax.data import world
+
+STAGES = (("base", None), ("sft", "base"), ("ppo_init", "base"))  # (stage, the stage whose params it starts from)
+
+
+def _finished(stage_dir: pathlib.Path) -> dict | None:
+    path = stage_dir / "summary.json"
+    if path.exists():
+        summary = json.loads(path.read_text())
+        return summary if summary.get("status") == "done" else None
+    return None
+
+
+def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1) + "\n")
+    seconds: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ the synthetic world
+    world_dir = workdir / "world"
+    start = time.perf_counter()
+    if not (world_dir / "world.json").exists():
+        print(f"[pipeline] world -> {world_dir}")
+        world.write_world(world_dir, seed=config.seed, sizes=world.WorldSizes(**config.world.to_dict()))
+    seconds["world"] = time.perf_counter() - start
+
+    # ------------------------------------------------------------------ training stages
+    for name, init_from in STAGES:
+        stage_dir = workdir / name
+        summary = _finished(stage_dir)
+        if summary is None:
+            stage = config[name].copy_and_resolve_references()
+            stage.data.world_dir = str(world_dir)
+            stage.init_from = str(workdir / init_from) if init_from else ""
+            print(f"[pipeline] {name} -> {stage_dir}")
+            summary = train_sft.train(stage, stage_dir)
+        else:
+            print(f"[pipeline] {name}: finished earlier, skipped")
+        seconds[name] = summary["wall_seconds"]
+
+    # ------------------------------------------------------------------ evaluation
+    start = time.perf_counter()
+    prompts = [json.loads(line)["prompt"] for line in (world_dir / "prompts_test.jsonl").read_text().splitlines()]
+    prompts = prompts[: config.eval.prompts]
+    models: dict[str, Any] = {}
+    for name, _ in STAGES:
+        stage = evaluate.load_stage(workdir / name)
+        result = evaluate.gold_eval(
+            stage, prompts, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size
+        )
+        result["pretrain_nll"] = evaluate.pretrain_nll(stage, world_dir / "pretrain_heldout.jsonl")
+        models[name] = result
+    seconds["evaluation"] = time.perf_counter() - start
+    results = {
+        "models": {name: {k: v for k, v in r.items() if k != "samples"} for name, r in models.items()},
+        "seconds": seconds,
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    }
+    (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    _plot_curves(workdir, [name for name, _ in STAGES])
+    _report(workdir, results, models, config.eval.samples_in_report)
+    return results
+
+
+def _plot_curves(workdir: pathlib.Path, names: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2))
+    for ax, name in zip(axes, names, strict=True):
+        rows = metrics.read_metrics(workdir / name)
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "tokens_per_s" in r]
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if train:
+            ax.plot(*zip(*train, strict=True), label="train", lw=1)
+        if val:
+            ax.plot(*zip(*val, strict=True), "o-", label="validation", ms=3)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(workdir / "training_curves.png", dpi=110)
+    plt.close(fig)
+
+
+def _report(workdir: pathlib.Path, results: dict, models: dict, n_samples: int) -> None:
+    lines = ["# instructjax pipeline report", "", f"Devices: {results['devices']}.", ""]
+    lines += [
+        "| model | gold score | stops (EOS) | response words | held-out pretraining NLL |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in results["models"].items():
+        lines.append(
+            f"| {name} | {r['gold_score']:.3f} | {r['stop_rate']:.1%} | {r['response_words']:.1f} | "
+            f"{r['pretrain_nll']:.3f} |"
+        )
+    lines += ["", "Gold score: `instructjax/data/world.py` (1 = correct answer and a clean stop). Greedy decoding.", ""]
+    lines += ["## Time (seconds)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in results["seconds"].items()]
+    lines += ["", "## Training curves", "", "![training curves](training_curves.png)", "", "## Samples", ""]
+    names = list(models)
+    lines += ["| prompt | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for i in range(min(n_samples, len(models[names[0]]["samples"]))):
+        cells = []
+        for name in names:
+            s = models[name]["samples"][i]
+            cells.append(f"{s['response'] or '(empty)'}{'' if s['stopped'] else ' …'} ({s['gold']:.2f})")
+        lines.append(f"| `{models[names[0]]['samples'][i]['prompt']}` | " + " | ".join(cells) + " |")
+    (workdir / "report.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,27 @@
+"""The main job end to end on the quick preset; a rerun skips every finished stage."""
+
+import json
+
+from conftest import load_config
+
+from instructjax import stages, train_sft
+
+
+def test_quick_pipeline_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
+    config = load_config("configs/pipeline.py", "quick")
+    results = stages.run(config, tmp_path)
+    assert set(results["models"]) == {"base", "sft", "ppo_init"}
+    for name, r in results["models"].items():
+        assert 0.0 <= r["gold_score"] <= 1.0 and r["pretrain_nll"] > 0, name
+        assert json.loads((tmp_path / name / "summary.json").read_text())["status"] == "done"
+    assert json.loads((tmp_path / "results.json").read_text())["models"] == results["models"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| sft |" in report and "training_curves.png" in report
+    assert (tmp_path / "training_curves.png").stat().st_size > 10_000
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished stage was trained again")
+
+    monkeypatch.setattr(train_sft, "train", no_training)
+    again = stages.run(config, tmp_path)
+    assert again["models"] == results["models"]  # same params, greedy decoding: the same evaluation
