@@ -28,9 +28,11 @@ def sibling(file: str, name: str) -> types.ModuleType:
 
 
 def load_config(spec: str, overrides: dict[str, Any] | None = None) -> Any:
-    """``"path/to/config.py[:arg]"`` -> ``get_config(arg)``, with dotted-key overrides applied."""
+    """``"path/to/config.py[:arg]"`` -> ``get_config(arg)``, locked as ``config_flags(lock_config=True)``
+    locks it (an unknown key is an error, a wrong type too), with dotted-key overrides applied."""
     path, _, arg = spec.partition(":")
     config = load_module(path).get_config(arg or None)
+    config.lock()
     if overrides:
         config.update_from_flattened_dict(overrides)
     return config
