@@ -21,7 +21,7 @@ import optax
 
 from instructjax import losses, sharding, steps
 from instructjax.metrics import training_flops_per_token
-from instructjax.model import ModelConfig, Transformer
+from instructjax.model import ModelConfig, Transformer, unembedding
 
 
 def best_of(fn, repeats: int) -> float:
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk", type=int, default=512, help="positions per chunk of the fused LM loss")
     args = parser.parse_args()
 
     cfg = ModelConfig(
@@ -95,9 +96,9 @@ def main() -> None:
     example = np.zeros((1, args.seq), np.int32)
     state, state_sh = steps.create_train_state(lambda r: model.init(r, example)["params"], tx, mesh, rules, 0)
 
-    def loss_fn(params, batch, rng):
-        logits = model.apply({"params": params}, batch["tokens"], batch["mask"])
-        loss, n = losses.lm_loss(logits, batch["tokens"], batch["mask"])
+    def loss_fn(params, batch, rng):  # as train_sft: fused LM head + cross-entropy
+        hidden = model.apply({"params": params}, batch["tokens"], batch["mask"], return_hidden=True)
+        loss, n = losses.fused_lm_loss(hidden, unembedding(params, cfg), batch["tokens"], batch["mask"], args.chunk)
         return loss, {"tokens": n}
 
     train_step = steps.make_train_step(loss_fn, tx, state_sh)

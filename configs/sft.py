@@ -43,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.batch_size = 32  # sequences per optimizer step (the paper: 32 for 1.3B/6B)
     c.eval_batch_size = 64
+    c.loss_chunk = 512  # positions per chunk of the fused LM head + cross-entropy (losses.fused_lm_loss)
     c.eval_batches = 0  # pretraining eval: batches of held-out text (0 = 8)
     c.num_epochs = 16.0  # the paper's SFT: 16 epochs
     c.num_steps = 0  # if > 0, overrides num_epochs

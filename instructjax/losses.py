@@ -6,8 +6,11 @@ the shapes in the names, and means are over mask entries (tokens or pairs), neve
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def token_logprobs(logits_btv: jax.Array, tokens_bt: jax.Array) -> jax.Array:
@@ -34,3 +37,81 @@ def lm_loss(logits_btv: jax.Array, tokens_bt: jax.Array, loss_mask_bt: jax.Array
     mask = loss_mask_bt.astype(jnp.float32).at[:, 0].set(0.0)  # token 0 has no prediction
     tokens = jnp.maximum(mask.sum(), 1.0)
     return -(token_logprobs(logits_btv, tokens_bt) * mask).sum() / tokens, mask.sum()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def fused_lm_loss(
+    hidden_btd: jax.Array, unembed_dv: jax.Array, tokens_bt: jax.Array, loss_mask_bt: jax.Array, chunk: int = 256
+) -> tuple[jax.Array, jax.Array]:
+    """``lm_loss(hidden @ unembed, tokens, loss_mask)`` without ever holding the [B,T,V] logits.
+
+    Positions are processed ``chunk`` at a time; each chunk's logits give its loss and, right away,
+    its gradients ``dL/dlogits = (softmax - onehot) · m / Σm``, contracted into ``dL/dhidden`` and
+    ``dL/dunembed`` (a custom VJP), so the backward pass recomputes nothing and the FLOPs equal the
+    unfused loss. Same value and gradients as ``lm_loss`` (tested). Returns ``(L, Σ m)``.
+    """
+    loss, count, _ = _fused_forward(hidden_btd, unembed_dv, tokens_bt, loss_mask_bt, chunk)
+    return loss, count
+
+
+def _fused_forward(hidden_btd, unembed_dv, tokens_bt, loss_mask_bt, chunk):
+    b, t, d = hidden_btd.shape
+    n = b * (t - 1)
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    h = jnp.pad(hidden_btd[:, :-1].reshape(n, d), ((0, pad), (0, 0))).reshape(n_chunks, chunk, d)
+    targets = jnp.pad(tokens_bt[:, 1:].reshape(n), (0, pad)).reshape(n_chunks, chunk)
+    weights = jnp.pad(loss_mask_bt[:, 1:].reshape(n).astype(jnp.float32), (0, pad)).reshape(n_chunks, chunk)
+    count = weights.sum()
+    scale = 1.0 / jnp.maximum(count, 1.0)
+    w = unembed_dv.astype(hidden_btd.dtype)
+
+    def body(grad_w, xs):
+        h_c, t_c, m_c = xs
+        logits = jnp.dot(h_c, w, preferred_element_type=jnp.float32)  # [C, V]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
+        g_logits = jnp.exp(logits - lse[:, None]) * (m_c * scale)[:, None]
+        g_logits = g_logits.at[jnp.arange(chunk), t_c].add(-m_c * scale)
+        g_h = jnp.dot(g_logits.astype(w.dtype), w.T, preferred_element_type=jnp.float32)
+        grad_w = grad_w + jnp.dot(h_c.T.astype(jnp.float32), g_logits)
+        return grad_w, (((lse - picked) * m_c).sum(), g_h)
+
+    grad_w, (nll, g_h) = jax.lax.scan(body, jnp.zeros(unembed_dv.shape, jnp.float32), (h, targets, weights))
+    g_hidden = jnp.pad(g_h.reshape(n_chunks * chunk, d)[:n].reshape(b, t - 1, d), ((0, 0), (0, 1), (0, 0)))
+    return nll.sum() * scale, count, (g_hidden.astype(hidden_btd.dtype), grad_w.astype(unembed_dv.dtype))
+
+
+def _fused_fwd(hidden_btd, unembed_dv, tokens_bt, loss_mask_bt, chunk):
+    loss, count, grads = _fused_forward(hidden_btd, unembed_dv, tokens_bt, loss_mask_bt, chunk)
+    return (loss, count), (grads, tokens_bt, loss_mask_bt)
+
+
+def _fused_bwd(chunk, residuals, cotangents):
+    (g_hidden, g_unembed), tokens_bt, loss_mask_bt = residuals
+    g_loss = cotangents[0]  # Σm is a count: no gradient flows through it
+    zeros = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), (tokens_bt, loss_mask_bt))
+    return (g_hidden * g_loss.astype(g_hidden.dtype), g_unembed * g_loss.astype(g_unembed.dtype), *zeros)
+
+
+fused_lm_loss.defvjp(_fused_fwd, _fused_bwd)
+
+
+def ranking_loss(rewards_bk: jax.Array, pair_mask_bkk: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The paper's reward-model loss (paper_spec §2), all K completions of a prompt in one element:
+
+        L_b = -(1/P_b) Σ_{i,j} M[b,i,j] · log σ(r[b,i] - r[b,j]),   P_b = Σ_{i,j} M[b,i,j]
+        L   = mean of L_b over the prompts with P_b > 0
+
+    where ``M[b,i,j] = 1`` when completion i is ranked above j (tied and padded pairs are 0), so a
+    prompt with K ranked completions and no ties contributes its C(K,2) pairs with weight 1/C(K,2).
+    Returns ``(L, pairwise accuracy)``, the accuracy being the share of valid pairs with r_i > r_j.
+    """
+    mask = pair_mask_bkk.astype(jnp.float32)
+    diff = rewards_bk[:, :, None].astype(jnp.float32) - rewards_bk[:, None, :].astype(jnp.float32)
+    pairs_b = mask.sum(axis=(1, 2))
+    per_prompt = -(jax.nn.log_sigmoid(diff) * mask).sum(axis=(1, 2)) / jnp.maximum(pairs_b, 1.0)
+    has_pairs = (pairs_b > 0).astype(jnp.float32)
+    loss = (per_prompt * has_pairs).sum() / jnp.maximum(has_pairs.sum(), 1.0)
+    accuracy = ((diff > 0) * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    return loss, accuracy

@@ -282,9 +282,12 @@ class Transformer(nn.Module):
         segment_ids_bt: Array | None = None,
         cache: Cache | None = None,
         deterministic: bool = True,
+        return_hidden: bool = False,
     ):
         """``segment_ids_bt`` (packed pretraining, no cache): tokens attend only within their segment
-        (id > 0; 0 is padding) and positions restart at each segment; it replaces ``mask_bt``."""
+        (id > 0; 0 is padding) and positions restart at each segment; it replaces ``mask_bt``.
+        ``return_hidden``: return the final-norm hidden states [B,T,D] instead of the head's output
+        (for ``losses.fused_lm_loss`` with ``unembedding(params, cfg)``)."""
         cfg = self.cfg
         batch, length = tokens_bt.shape
         if segment_ids_bt is not None:
@@ -366,6 +369,10 @@ class Transformer(nn.Module):
                 x_btd, kv = block(cfg, deterministic, name=f"layers_{i}")(x_btd, positions_bt, mask_b1ts, kv, index)
                 new_layer_kv.append(kv)
         x_btd = _norm(cfg, "final_norm")(x_btd)
+        if return_hidden:
+            if cfg.tie_embeddings:
+                embed.attend(x_btd[:, :0])  # zero-width call: the head's params exist as in a normal init
+            return x_btd
 
         if cfg.head == "scalar":
             # Reward/value head. The paper's RM projects to a scalar; init N(0, 1/(d_model+1)) (paper_spec §2).
@@ -429,6 +436,11 @@ def cache_logical_axes(cfg: ModelConfig) -> Cache:
     else:
         layers = [{"k": kv, "v": kv} for _ in range(cfg.n_layers)]
     return {"layers": layers, "mask": ("batch", "length"), "index": (), "next_pos": ("batch",)}
+
+
+def unembedding(params: Any, cfg: ModelConfig) -> Array:
+    """The [D, V] output projection of an lm-head model: the token embedding transposed when tied."""
+    return params["embed"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
 
 
 def count_params(params: Any) -> int:

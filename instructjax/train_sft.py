@@ -28,7 +28,7 @@ import numpy as np
 
 from instructjax import checkpoint, losses, metrics, optim, sharding, steps
 from instructjax.data import pipeline, tfds_builder
-from instructjax.model import ModelConfig, Transformer, count_params
+from instructjax.model import ModelConfig, Transformer, count_params, unembedding
 from instructjax.tokenizer import load_tokenizer
 
 
@@ -127,34 +127,28 @@ def train(config: Any, workdir: str | pathlib.Path, score_fn: Callable[[Any], fl
     start_step = int(state.step) // accum
 
     # ----------------------------------------------------------------- Steps
+    def lm_nll(params, tokens, loss_mask, rngs, **inputs):
+        # The LM head and cross-entropy fused in chunks: the [B,T,V] logits never exist at once.
+        hidden = model.apply(
+            {"params": params}, tokens, **inputs, deterministic=rngs is None, rngs=rngs, return_hidden=True
+        )
+        return losses.fused_lm_loss(hidden, unembedding(params, cfg), tokens, loss_mask, config.loss_chunk)
+
     def loss_fn(params, batch, rng):
-        deterministic = rng is None
-        rngs = None if deterministic else {"dropout": rng}
+        rngs = None if rng is None else {"dropout": rng}
         if "segment_ids" in batch:
-            logits = model.apply(
-                {"params": params},
-                batch["tokens"],
-                segment_ids_bt=batch["segment_ids"],
-                deterministic=deterministic,
-                rngs=rngs,
+            loss, n_tokens = lm_nll(
+                params, batch["tokens"], batch["loss_mask"], rngs, segment_ids_bt=batch["segment_ids"]
             )
         else:
-            logits = model.apply(
-                {"params": params}, batch["tokens"], batch["mask"], deterministic=deterministic, rngs=rngs
-            )
-        loss, n_tokens = losses.lm_loss(logits, batch["tokens"], batch["loss_mask"])
+            loss, n_tokens = lm_nll(params, batch["tokens"], batch["loss_mask"], rngs, mask_bt=batch["mask"])
         # loss_tokens weight the loss; real_tokens (non-pad) and computed_tokens (B*T) measure throughput.
         out = {"loss_tokens": n_tokens, "real_tokens": batch["mask"].sum(), "computed_tokens": batch["tokens"].size}
         if "ptx_tokens" in batch:  # PPO-init SFT: token mean over demonstrations and pretraining text
-            ptx_rngs = None if deterministic else {"dropout": jax.random.fold_in(rng, 1)}
-            ptx_logits = model.apply(
-                {"params": params},
-                batch["ptx_tokens"],
-                segment_ids_bt=batch["ptx_segment_ids"],
-                deterministic=deterministic,
-                rngs=ptx_rngs,
+            ptx_rngs = None if rng is None else {"dropout": jax.random.fold_in(rng, 1)}
+            ptx_loss, ptx_tokens = lm_nll(
+                params, batch["ptx_tokens"], batch["ptx_loss_mask"], ptx_rngs, segment_ids_bt=batch["ptx_segment_ids"]
             )
-            ptx_loss, ptx_tokens = losses.lm_loss(ptx_logits, batch["ptx_tokens"], batch["ptx_loss_mask"])
             out.update(sft_loss=loss, ptx_loss=ptx_loss, loss_tokens=n_tokens + ptx_tokens)
             out["real_tokens"] += batch["ptx_mask"].sum()
             out["computed_tokens"] += batch["ptx_tokens"].size

@@ -1,8 +1,11 @@
 """The main job end to end on the quick preset; a rerun skips every finished stage."""
 
 import json
+import pathlib
+import subprocess
+import sys
 
-from conftest import load_config
+from conftest import REPO, load_config
 
 from instructjax import stages, train_sft
 
@@ -25,3 +28,18 @@ def test_quick_pipeline_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
     monkeypatch.setattr(train_sft, "train", no_training)
     again = stages.run(config, tmp_path)
     assert again["models"] == results["models"]  # same params, greedy decoding: the same evaluation
+
+    sample = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts/sample.py"),
+            f"--workdir={tmp_path / 'sft'}",
+            "--prompt=sort 5 2 9 =>",
+            "--prompt=add 12 7 =>",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=pathlib.Path(tmp_path),
+    )
+    assert sample.stdout.count("->") == 2 and "sort 5 2 9 =>" in sample.stdout
