@@ -5,9 +5,9 @@
 
 Stages (each in its own sub-workdir, skipped when finished, resumed when interrupted): ``world`` (the
 synthetic data), ``base`` (stage 0 pretraining), ``sft`` (the paper's 16-epoch SFT, from the base
-model), ``ppo_init`` (2 epochs with 10% pretraining mixed in, App. C.3). The reward model and PPO join
-when they land. Presets: ``default`` (this machine, minutes) and ``quick`` (a smoke run for tests and
-the notebook).
+model), ``rm`` (the reward model, from the SFT model), ``ppo_init`` (2 epochs with 10% pretraining mixed
+in, App. C.3, selected by RM score). PPO joins when it lands. Presets: ``default`` (this machine,
+minutes) and ``quick`` (a smoke run for tests and the notebook).
 """
 
 import ml_collections
@@ -15,6 +15,7 @@ import ml_collections
 from instructjax.configlib import sibling
 
 sft = sibling(__file__, "sft")
+rm = sibling(__file__, "rm")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -33,12 +34,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.world.prompts_test = 1_000
     c.base = sft.get_config("base")  # stage 0 (configs/sft.py:base)
     c.sft = sft.get_config("tiny")  # stage 1: 16 epochs, dropout 0.2
+    c.rm = rm.get_config("tiny")  # stage 2, from the SFT model
+    c.rm.batch_size = 16  # 2,000 ranked prompts: 125 steps in the paper's single epoch
     c.ppo_init = sft.get_config("ppo_init")  # PPO's starting point and KL reference
+    c.ppo_init.select_by = "score"  # checkpoint selected by mean RM score on validation prompts (§3.5)
     c.eval = ml_collections.ConfigDict()
     c.eval.prompts = 1000  # test prompts scored with the gold score
     c.eval.max_new_tokens = 16  # longer than any answer: a model that never stops is cut here
     c.eval.batch_size = 200
     c.eval.samples_in_report = 12
+    c.eval.select_prompts = 200  # validation prompts behind the RM-score checkpoint selection
 
     if preset == "quick":
         c.world.update(
@@ -54,9 +59,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 prompts_test=40,
             )
         )
-        for stage in (c.base, c.sft, c.ppo_init):
+        for stage in (c.base, c.sft, c.rm, c.ppo_init):
             stage.update_from_flattened_dict({"num_steps": 6, "eval_every": 3, "log_every": 3, "batch_size": 8})
         c.eval.prompts = 40
+        c.eval.select_prompts = 40
         c.eval.batch_size = 40
     elif preset != "default":
         raise ValueError(f"unknown pipeline preset {preset!r}: default, quick")

@@ -42,11 +42,7 @@ def load_stage(workdir: str | pathlib.Path, best: bool = False, mesh_shape: Sequ
     mesh = sharding.make_mesh(mesh_shape or config.mesh_shape)
     rules = sharding.as_rules(config.rules)
     model = Transformer(cfg)
-    with sharding.use(mesh, rules):
-        abstract = sharding.abstract_params(model, np.zeros((1, 8), np.int32))
-        shapes = sharding.strip_boxes(abstract)
-        shardings = sharding.logical_to_shardings(sharding.logical_axes(abstract), shapes, mesh, rules)
-    params = checkpoint.load_params(workdir, shapes, shardings, best=best)
+    params = checkpoint.load_params(workdir, *sharding.model_shardings(model, mesh, rules), best=best)
     world = pathlib.Path(config.data.world_dir)
     tokenizer = load_tokenizer(config.data.tokenizer or world / "tokenizer.json")
     return Stage(config, cfg, params, tokenizer, mesh, rules)

@@ -115,3 +115,52 @@ def ranking_loss(rewards_bk: jax.Array, pair_mask_bkk: jax.Array) -> tuple[jax.A
     loss = (per_prompt * has_pairs).sum() / jnp.maximum(has_pairs.sum(), 1.0)
     accuracy = ((diff > 0) * mask).sum() / jnp.maximum(mask.sum(), 1.0)
     return loss, accuracy
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """``Σ x·m / Σ m`` (0 when the mask is empty)."""
+    mask = mask.astype(jnp.float32)
+    return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def ppo_policy_loss(
+    logprobs_bn: jax.Array, old_logprobs_bn: jax.Array, advantages_bn: jax.Array, mask_bn: jax.Array, clip_eps: float
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The clipped surrogate (paper_spec §3.3; ε = 0.2 in the paper), a mean over response tokens:
+
+        ρ_t = exp(log π(y_t) - log π_old(y_t))
+        L_π = mean_t max(-A_t·ρ_t, -A_t·clip(ρ_t, 1-ε, 1+ε))
+
+    Also returns ``clip_frac`` (share of tokens where the clipped term is taken), ``approx_kl``
+    (mean of ½(log ρ)², an estimate of KL(π_old ‖ π)) and ``ratio`` (mean ρ).
+    """
+    log_ratio = logprobs_bn - old_logprobs_bn
+    ratio = jnp.exp(log_ratio)
+    unclipped = -advantages_bn * ratio
+    clipped = -advantages_bn * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(jnp.maximum(unclipped, clipped), mask_bn)
+    stats = {
+        "clip_frac": masked_mean((clipped > unclipped).astype(jnp.float32), mask_bn),
+        "approx_kl": masked_mean(0.5 * jnp.square(log_ratio), mask_bn),
+        "ratio": masked_mean(ratio, mask_bn),
+    }
+    return loss, stats
+
+
+def value_loss(
+    values_bn: jax.Array, old_values_bn: jax.Array, returns_bn: jax.Array, mask_bn: jax.Array, clip: float
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The clipped value loss of [LHP] / N+ (paper_spec §3.3), a mean over response tokens:
+
+        V_clip = V_old + clip(V - V_old, -c, c)
+        L_V = ½ · mean_t max((V_t - R_t)², (V_clip_t - R_t)²)
+
+    ``clip <= 0`` gives the plain ½·mean (V - R)². Also returns ``value_clip_frac``.
+    """
+    unclipped = jnp.square(values_bn - returns_bn)
+    if clip <= 0:
+        return 0.5 * masked_mean(unclipped, mask_bn), {"value_clip_frac": jnp.zeros(())}
+    clipped_values = old_values_bn + jnp.clip(values_bn - old_values_bn, -clip, clip)
+    clipped = jnp.square(clipped_values - returns_bn)
+    loss = 0.5 * masked_mean(jnp.maximum(unclipped, clipped), mask_bn)
+    return loss, {"value_clip_frac": masked_mean((clipped > unclipped).astype(jnp.float32), mask_bn)}

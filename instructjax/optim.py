@@ -2,8 +2,8 @@
 global-norm clipping, weight decay on matrices only, gradient accumulation.
 
 ``config.optim`` fields (see ``configs/sft.py``): ``lr`` (peak), ``warmup_steps``, ``final_lr_fraction``
-(0.1: the paper's "cosine decay to 10% of peak"), ``b1``, ``b2``, ``eps``, ``weight_decay``,
-``grad_clip`` (0 disables), ``grad_accum_steps``.
+(0.1: the paper's "cosine decay to 10% of peak"; 1.0: constant), optional ``warmup_start_fraction``,
+``b1``, ``b2``, ``eps``, ``weight_decay``, ``grad_clip`` (0 disables), ``grad_accum_steps``.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import optax
 
 
 def lr_schedule(optim: Any, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to ``lr`` over ``warmup_steps``, then cosine to ``final_lr_fraction * lr``
-    at ``total_steps`` (optimizer updates, i.e. after accumulation)."""
+    """Linear warmup from ``warmup_start_fraction * lr`` (default 0) to ``lr`` over ``warmup_steps``, then
+    cosine to ``final_lr_fraction * lr`` at ``total_steps`` (optimizer updates, i.e. after accumulation)."""
     decay_steps = max(total_steps - optim.warmup_steps, 1)
     cosine = optax.cosine_decay_schedule(optim.lr, decay_steps, alpha=optim.final_lr_fraction)
     if optim.warmup_steps == 0:
         return cosine
-    warmup = optax.linear_schedule(0.0, optim.lr, optim.warmup_steps)
+    start = optim.get("warmup_start_fraction", 0.0) * optim.lr  # PPO warms up from 0.1x peak (App. C.4)
+    warmup = optax.linear_schedule(start, optim.lr, optim.warmup_steps)
     return optax.join_schedules([warmup, cosine], [optim.warmup_steps])
 
 

@@ -151,11 +151,24 @@ def init_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh
     Shapes come from ``jax.eval_shape``, so no full copy of the model ever sits on one device.
     Returns ``(tree, shardings)`` with the tree unboxed to plain arrays.
     """
+    _, shardings = abstract_sharded(init_fn, mesh, rules)
     with use(mesh, rules):
-        abstract = jax.eval_shape(init_fn, rng)
-        shardings = logical_to_shardings(logical_axes(abstract), strip_boxes(abstract), mesh, rules)
         tree = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
     return tree, shardings
+
+
+def abstract_sharded(init_fn: Callable[[jax.Array], Any], mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
+    """``(shapes, shardings)`` of what ``init_fn(rng)`` (a boxed tree) would create; nothing is allocated.
+    The targets for loading a checkpoint straight onto the mesh."""
+    with use(mesh, rules):
+        abstract = jax.eval_shape(init_fn, jax.random.key(0))
+        shapes = strip_boxes(abstract)
+        return shapes, logical_to_shardings(logical_axes(abstract), shapes, mesh, rules)
+
+
+def model_shardings(model: nn.Module, mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
+    """``(param shapes, param shardings)`` of ``model`` on ``mesh``."""
+    return abstract_sharded(lambda r: model.init(r, np.zeros((1, 8), np.int32))["params"], mesh, rules)
 
 
 def abstract_params(model: nn.Module, example_tokens: jax.Array) -> Any:

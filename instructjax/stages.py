@@ -1,6 +1,13 @@
 """The main job: every stage in order on the synthetic world, then the evaluation and a report.
 
-``run(config, workdir)`` (``configs/pipeline.py``): world -> base -> sft and ppo_init -> evaluation.
+``run(config, workdir)`` (``configs/pipeline.py``): world -> base -> sft -> rm -> ppo_init -> evaluation.
+
+- ``base``: stage 0, the world's pretrained model.
+- ``sft``: the paper's SFT from the base model; the RM starts from it.
+- ``rm``: the reward model on the K-way comparisons, bias-normalised on the demonstrations.
+- ``ppo_init``: PPO's starting point (10% pretraining mixed in, App. C.3), from the base model, its
+  checkpoint selected by the mean RM score of its greedy responses on validation prompts (§3.5).
+
 Each stage has its own sub-workdir; a finished stage (``summary.json`` with status ``done``) is
 skipped, an interrupted one resumes from its checkpoint, so rerunning the command continues the job.
 Outputs: ``results.json``, ``report.md`` and ``training_curves.png`` in ``workdir``.
@@ -8,6 +15,7 @@ Outputs: ``results.json``, ``report.md`` and ``training_curves.png`` in ``workdi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import time
@@ -15,10 +23,14 @@ from typing import Any
 
 import jax
 
-from instructjax import evaluate, metrics, train_sft
+from instructjax import evaluate, metrics, reward, sharding, train_rm, train_sft
 from instructjax.data import world
+from instructjax.model import ModelConfig
+from instructjax.tokenizer import load_tokenizer
 
-STAGES = (("base", None), ("sft", "base"), ("ppo_init", "base"))  # (stage, the stage whose params it starts from)
+# (stage, the stage whose params it starts from)
+STAGES = (("base", None), ("sft", "base"), ("rm", "sft"), ("ppo_init", "base"))
+POLICIES = ("base", "sft", "ppo_init")  # the models evaluated by sampling
 
 
 def _finished(stage_dir: pathlib.Path) -> dict | None:
@@ -52,7 +64,12 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
             stage.data.world_dir = str(world_dir)
             stage.init_from = str(workdir / init_from) if init_from else ""
             print(f"[pipeline] {name} -> {stage_dir}")
-            summary = train_sft.train(stage, stage_dir)
+            if name == "rm":
+                summary = train_rm.train(stage, stage_dir)
+            elif stage.select_by == "score":  # the paper's SFT selection: mean RM score on validation prompts
+                summary = train_sft.train(stage, stage_dir, _rm_score_fn(config, stage, workdir / "rm", world_dir))
+            else:
+                summary = train_sft.train(stage, stage_dir)
         else:
             print(f"[pipeline] {name}: finished earlier, skipped")
         seconds[name] = summary["wall_seconds"]
@@ -62,16 +79,31 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     prompts = [json.loads(line)["prompt"] for line in (world_dir / "prompts_test.jsonl").read_text().splitlines()]
     prompts = prompts[: config.eval.prompts]
     models: dict[str, Any] = {}
-    for name, _ in STAGES:
+    rm = reward.load_reward_model(workdir / "rm")
+    for name in POLICIES:
         stage = evaluate.load_stage(workdir / name)
         result = evaluate.gold_eval(
             stage, prompts, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size
         )
+        samples = result["samples"]
+        rm_scores = reward.score_texts(
+            rm, prompts, [r["response"] for r in samples], [r["stopped"] for r in samples], config.eval.batch_size
+        )
+        result["rm_score"] = float(rm_scores.mean())
         result["pretrain_nll"] = evaluate.pretrain_nll(stage, world_dir / "pretrain_heldout.jsonl")
         models[name] = result
     seconds["evaluation"] = time.perf_counter() - start
+    rm_summary = json.loads((workdir / "rm" / "summary.json").read_text())
+    world_info = json.loads((world_dir / "world.json").read_text())
     results = {
         "models": {name: {k: v for k, v in r.items() if k != "samples"} for name, r in models.items()},
+        "rm": {
+            "val_accuracy": rm_summary["best_eval"]["val_accuracy"],
+            "gold_accuracy": rm_summary["best_eval"]["val_gold_accuracy"],
+            "val_loss": rm_summary["best_eval"]["val_loss"],
+            "labeler_agreement": world_info.get("labeler_agreement_comparisons_valid"),
+            "bias": rm_summary["bias"],
+        },
         "seconds": seconds,
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
     }
@@ -79,6 +111,17 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     _plot_curves(workdir, [name for name, _ in STAGES])
     _report(workdir, results, models, config.eval.samples_in_report)
     return results
+
+
+def _rm_score_fn(config: Any, stage_config: Any, rm_dir: pathlib.Path, world_dir: pathlib.Path):
+    """The SFT selection hook: mean normalised RM score of greedy responses on validation prompts."""
+    rm = reward.load_reward_model(rm_dir)
+    cfg = dataclasses.replace(ModelConfig.from_dict(stage_config.model), dropout_rate=0.0)
+    mesh, rules = sharding.make_mesh(stage_config.mesh_shape), sharding.as_rules(stage_config.rules)
+    policy = evaluate.Stage(stage_config, cfg, None, load_tokenizer(world_dir / "tokenizer.json"), mesh, rules)
+    lines = (world_dir / "prompts_valid.jsonl").read_text().splitlines()[: config.eval.select_prompts]
+    prompts = [json.loads(line)["prompt"] for line in lines]
+    return reward.policy_score_fn(rm, policy, prompts, config.eval.max_new_tokens, config.eval.batch_size)
 
 
 def _plot_curves(workdir: pathlib.Path, names: list[str]) -> None:
@@ -98,7 +141,7 @@ def _plot_curves(workdir: pathlib.Path, names: list[str]) -> None:
             ax.plot(*zip(*val, strict=True), "o-", label="validation", ms=3)
         ax.set_title(name)
         ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
+        ax.set_ylabel("ranking loss (nats/prompt)" if name == "rm" else "loss (nats/token)")
         ax.legend()
     fig.tight_layout()
     fig.savefig(workdir / "training_curves.png", dpi=110)
@@ -108,15 +151,30 @@ def _plot_curves(workdir: pathlib.Path, names: list[str]) -> None:
 def _report(workdir: pathlib.Path, results: dict, models: dict, n_samples: int) -> None:
     lines = ["# instructjax pipeline report", "", f"Devices: {results['devices']}.", ""]
     lines += [
-        "| model | gold score | stops (EOS) | response words | held-out pretraining NLL |",
-        "|---|---|---|---|---|",
+        "| model | gold score | RM score | stops (EOS) | response words | held-out pretraining NLL |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in results["models"].items():
         lines.append(
-            f"| {name} | {r['gold_score']:.3f} | {r['stop_rate']:.1%} | {r['response_words']:.1f} | "
-            f"{r['pretrain_nll']:.3f} |"
+            f"| {name} | {r['gold_score']:.3f} | {r['rm_score']:.2f} | {r['stop_rate']:.1%} | "
+            f"{r['response_words']:.1f} | {r['pretrain_nll']:.3f} |"
         )
-    lines += ["", "Gold score: `instructjax/data/world.py` (1 = correct answer and a clean stop). Greedy decoding.", ""]
+    lines += [
+        "",
+        "Gold score: `instructjax/data/world.py` (1 = correct answer and a clean stop). RM score: the reward model's",
+        "score minus its bias (demonstrations average 0). Greedy decoding on the test prompts.",
+        "",
+    ]
+    rm = results["rm"]
+    lines += ["## Reward model (validation comparisons)", "", "| metric | value |", "|---|---|"]
+    lines += [
+        f"| pairwise accuracy vs the labelers | {rm['val_accuracy']:.1%} |",
+        f"| a second labeler's agreement with the labelers | {rm['labeler_agreement']:.1%} |",
+        f"| pairwise accuracy vs the gold score | {rm['gold_accuracy']:.1%} |",
+        f"| log loss (per prompt) | {rm['val_loss']:.3f} |",
+        f"| bias (mean raw reward of the demonstrations) | {rm['bias']:.3f} |",
+        "",
+    ]
     lines += ["## Time (seconds)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in results["seconds"].items()]
     lines += ["", "## Training curves", "", "![training curves](training_curves.png)", "", "## Samples", ""]

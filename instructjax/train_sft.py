@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from instructjax import checkpoint, losses, metrics, optim, sharding, steps
+from instructjax import checkpoint, loop, losses, metrics, optim, sharding, steps
 from instructjax.data import pipeline, tfds_builder
 from instructjax.model import ModelConfig, Transformer, count_params, unembedding
 from instructjax.tokenizer import load_tokenizer
@@ -66,6 +66,8 @@ def train(config: Any, workdir: str | pathlib.Path, score_fn: Callable[[Any], fl
         config.data.prompt_in_loss,
     )
     pretraining = config.data.kind == "pretrain"
+    if config.select_by not in ("val_loss", "score") or (config.select_by == "score" and score_fn is None):
+        raise ValueError(f"config.select_by={config.select_by!r}: 'val_loss', or 'score' with a score_fn")
     if config.data.kind not in ("demos", "pretrain"):
         raise ValueError(f"config.data.kind={config.data.kind!r}: expected 'demos' or 'pretrain'")
     batch_size = config.batch_size
@@ -118,14 +120,6 @@ def train(config: Any, workdir: str | pathlib.Path, score_fn: Callable[[Any], fl
     if config.init_from:
         state = state.replace(params=checkpoint.load_params(config.init_from, state.params, state_sh.params))
 
-    # ----------------------------------------------------------------- Restore (automatic resume)
-    ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-    meta = {"best": None, "best_step": None, "evals": [], "train_seconds": 0.0, "wall_seconds": 0.0}
-    restored = ckpt.restore(state, state_sh, iters)
-    if restored is not None:
-        state, meta = restored
-    start_step = int(state.step) // accum
-
     # ----------------------------------------------------------------- Steps
     def lm_nll(params, tokens, loss_mask, rngs, **inputs):
         # The LM head and cross-entropy fused in chunks: the [B,T,V] logits never exist at once.
@@ -175,92 +169,27 @@ def train(config: Any, workdir: str | pathlib.Path, score_fn: Callable[[Any], fl
             result["score"] = float(score_fn(params))
         return result
 
-    # ----------------------------------------------------------------- Train loop
-    writer = metrics.MetricsWriter(workdir, total_steps, resume_step=start_step, desc=config.stage)
-    flops_per_token = metrics.training_flops_per_token(cfg, config.data.max_len)
-    peak = metrics.peak_flops_per_device() * jax.device_count()
-    writer.write(
-        start_step,
-        {
-            "event": "start",
-            "params": n_params,
-            "total_steps": total_steps,
-            "ptx_share": ptx_rows / (ptx_rows + batch_size),
-            "devices": jax.device_count(),
-            "resumed": restored is not None,
-        },
-    )
-    real_since = computed_since = 0.0
-    timer, compile_seconds = time.perf_counter(), None
-    status = "done"
-    try:  # on any exception, still finish in-flight checkpoint writes: a crash loses at most the work since
-        # the last save
-        with sharding.use(mesh, rules), checkpoint.PreemptionGuard() as guard:
-            for step in range(start_step, total_steps):
-                if guard.requested:
-                    status = "preempted"
-                    break
-                for _ in range(accum):
-                    t0 = time.perf_counter()
-                    state, out = train_step(state, next_batch())
-                    if config.nan_policy == "stop":
-                        steps.check_finite(step + 1, {k: out[k] for k in ("loss", "grad_norm", "finite")})
-                    if compile_seconds is None:
-                        compile_seconds = time.perf_counter() - t0
-                        writer.write(step, {"event": "compiled", "compile_seconds": compile_seconds})
-                        timer = time.perf_counter()
-                    else:
-                        real_since += float(out["real_tokens"])
-                        computed_since += float(out["computed_tokens"])
-                done = step + 1
-                if done % config.log_every == 0 or done == total_steps:
-                    elapsed = max(time.perf_counter() - timer, 1e-9)
-                    row = {k: float(v) for k, v in out.items() if k != "finite"}
-                    row.update(
-                        lr=float(optim.lr_schedule(config.optim, total_steps)(done)),
-                        tokens_per_s=real_since / elapsed,  # non-pad tokens
-                        mfu=computed_since / elapsed * flops_per_token / peak,  # every computed position
-                        skipped_steps=int(state.skipped_steps),
-                    )
-                    writer.write(done, row)
-                    writer.progress(done, loss=row["loss"], tok_s=row["tokens_per_s"], mfu=row["mfu"])
-                    meta["train_seconds"] += elapsed
-                    real_since = computed_since = 0.0
-                    timer = time.perf_counter()
-                if done % config.eval_every == 0 or done == total_steps:
-                    result = evaluate(state.params)
-                    key = "score" if config.select_by == "score" else "val_loss"
-                    value = result[key]
-                    better = meta["best"] is None or (value > meta["best"] if key == "score" else value < meta["best"])
-                    if better:
-                        meta["best"], meta["best_step"] = value, done
-                        ckpt.save_best(state.params, done)
-                    meta["evals"].append({"step": done, **result})
-                    writer.write(done, {**result, f"best_{key}": meta["best"]})
-                    timer = time.perf_counter()
-                if done % config.checkpoint_every == 0 or done == total_steps:
-                    meta["wall_seconds"] += time.perf_counter() - wall_start  # this run's share, saved with the step
-                    wall_start = time.perf_counter()
-                    ckpt.save(state, iters, meta)
-            if status == "preempted":
-                ckpt.save(state, iters, meta)
-    finally:
-        ckpt.close()
-        writer.close()
+    # ----------------------------------------------------------------- Train loop (instructjax/loop.py)
+    with sharding.use(mesh, rules):
+        result = loop.run(
+            config,
+            workdir,
+            state=state,
+            state_shardings=state_sh,
+            iters=iters,
+            step_fn=lambda state: train_step(state, next_batch()),
+            evaluate=evaluate,
+            total_steps=total_steps,
+            select=("score", "max") if config.select_by == "score" else ("val_loss", "min"),
+            start_info={"params": n_params, "ptx_share": ptx_rows / (ptx_rows + batch_size)},
+            micro_steps=accum,
+            lr_fn=optim.lr_schedule(config.optim, total_steps),
+            flops_per_token=metrics.training_flops_per_token(cfg, config.data.max_len),
+            started_at=wall_start,
+        )
 
     # ----------------------------------------------------------------- Finish
-    summary = {
-        "status": status,
-        "step": int(state.step) // accum,
-        "total_steps": total_steps,
-        "params": n_params,
-        "final": meta["evals"][-1] if meta["evals"] else None,
-        "best": meta["best"],
-        "best_step": meta["best_step"],
-        "train_seconds": meta["train_seconds"],
-        "wall_seconds": meta["wall_seconds"] + time.perf_counter() - wall_start,
-        "truncation": fmt.stats.as_dict(),
-    }
+    summary = loop.summary(result, total_steps, accum, params=n_params, truncation=fmt.stats.as_dict())
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

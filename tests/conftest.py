@@ -49,3 +49,30 @@ def small_world(tmp_path_factory):
     )
     world.write_world(out, seed=0, sizes=sizes)
     return out
+
+
+@pytest.fixture(scope="session")
+def sft_dir(small_world, tmp_path_factory):
+    """A briefly trained SFT stage of the small world (the RM's and PPO's starting point in tests)."""
+    from instructjax import train_sft
+
+    workdir = tmp_path_factory.mktemp("sft")
+    config = load_config("configs/sft.py", "tiny")
+    config.data.world_dir = str(small_world)
+    config.update_from_flattened_dict({"num_steps": 6, "eval_every": 6, "checkpoint_every": 6, "batch_size": 8})
+    train_sft.train(config, workdir)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def rm_dir(small_world, sft_dir, tmp_path_factory):
+    """A briefly trained RM (from ``sft_dir``), with its bias."""
+    from instructjax import train_rm
+
+    workdir = tmp_path_factory.mktemp("rm")
+    config = load_config("configs/rm.py", "tiny")
+    config.data.world_dir = str(small_world)
+    config.init_from = str(sft_dir)
+    config.update_from_flattened_dict({"num_steps": 6, "eval_every": 6, "checkpoint_every": 6, "batch_size": 8})
+    train_rm.train(config, workdir)
+    return workdir

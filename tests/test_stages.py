@@ -7,7 +7,7 @@ import sys
 
 from conftest import REPO, load_config
 
-from instructjax import stages, train_sft
+from instructjax import stages, train_rm, train_sft
 
 
 def test_quick_pipeline_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
@@ -21,11 +21,15 @@ def test_quick_pipeline_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
     report = (tmp_path / "report.md").read_text()
     assert "| sft |" in report and "training_curves.png" in report
     assert (tmp_path / "training_curves.png").stat().st_size > 10_000
+    assert 0.0 <= results["rm"]["val_accuracy"] <= 1.0 and "Reward model" in report
+    ppo_init = json.loads((tmp_path / "ppo_init" / "summary.json").read_text())
+    assert "score" in ppo_init["final"]  # checkpoints selected by the RM score (§3.5)
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished stage was trained again")
 
     monkeypatch.setattr(train_sft, "train", no_training)
+    monkeypatch.setattr(train_rm, "train", no_training)
     again = stages.run(config, tmp_path)
     assert again["models"] == results["models"]  # same params, greedy decoding: the same evaluation
 

@@ -584,6 +584,9 @@ def write_world(
         "labeler_agreement_comparisons_train": _comparison_agreement(
             rows["comparisons_train"], stream("second_labeler"), temperature
         ),
+        "labeler_agreement_comparisons_valid": _comparison_agreement(
+            rows["comparisons_valid"], stream("second_labeler_valid"), temperature
+        ),
         "pretrain_after_mark": corpus_stats([r["text"] for r in rows["pretrain_train"]]),
         "mean_gold_demos_train": sum(gold_score(r["prompt"], r["completion"], True) for r in rows["demos_train"])
         / max(len(rows["demos_train"]), 1),

@@ -1,0 +1,118 @@
+"""Stage 3, PPO and PPO-ptx: ``instructjax/train_ppo.py``.
+
+    python scripts/train_ppo.py --config=configs/ppo.py:tiny_ptx --workdir=/tmp/run/ppo_ptx \
+        --config.policy_from=/tmp/run/ppo_init --config.rm_from=/tmp/run/rm
+
+Presets:
+- ``tiny``: plain PPO (γ = 0) of the tiny model on the synthetic world (CPU, minutes).
+- ``tiny_ptx``: PPO-ptx, the paper's InstructGPT: the same plus γ × pretraining NLL.
+- ``paper_1p3b``, ``paper_6b``: the paper's settings (App. C.4): batch 512 episodes, minibatch 64
+  (8 minibatches, 1 epoch), β 0.02 fixed, γ 27.8 with 8× as many pretraining rows as episodes, value
+  LR 9e-6, 256k episodes (500 iterations), warmup over 10 iterations from 0.1× the peak LR, which the
+  paper does not state (its sweep is in E.9): we use 9.65e-6, the SFT LR, as a placeholder to re-tune.
+"""
+
+import ml_collections
+
+from instructjax.configlib import sibling
+
+model_presets = sibling(__file__, "model")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    preset = arg or "tiny"
+    c = ml_collections.ConfigDict()
+    c.stage = "ppo"  # informational
+    c.policy_from = ""  # the PPO-init SFT workdir: the policy's start and the frozen KL reference
+    c.rm_from = ""  # the RM workdir: the frozen reward (with its bias) and the value model's start
+
+    c.data = ml_collections.ConfigDict()  # the world, tokenizer and template come from policy_from's config
+    c.data.prompts_file = "prompts_train.jsonl"  # RL prompts (relative to the policy's world_dir)
+    c.data.eval_prompts_file = "prompts_valid.jsonl"
+    c.data.pretrain_file = "pretrain_train.jsonl"  # PPO-ptx's pretraining text
+    c.data.ptx_len = 64  # tokens per packed pretraining row
+    c.data.max_prompt_len = 16  # prompt tokens (left-padded; longer prompts cut from the left, counted)
+    c.data.skip_bad = False
+
+    c.batch_size = 64  # episodes (prompts) per iteration (the paper: 512)
+    c.minibatch_size = 16  # episodes per update (the paper: 64)
+    c.ppo_epochs = 1  # passes over each rollout batch (the paper: 1)
+    c.total_episodes = 6400  # the paper: 256k
+    c.num_iterations = 0  # if > 0, overrides total_episodes
+    c.max_new_tokens = 16  # response tokens; a response without EOS gets the missing-EOS penalty
+    c.temperature = 1.0  # rollout temperature (the paper: 1); log-probs use the same
+
+    c.clip_eps = 0.2  # PPO ratio clip (the paper: 0.2)
+    c.value_clip = 0.2  # value clip around V_old ([LHP], N+; the paper does not say); 0 = unclipped
+    c.gamma = 1.0  # no discount (the paper)
+    c.lam = 0.95  # GAE λ (the paper leaves it open; [S20], [LHP], N+: 0.95)
+    c.whiten_rewards = False  # [LHP]'s optional reward whitening (the paper does not mention it)
+    c.use_missing_eos_penalty = True  # replace the score of a response without EOS (N+ Detail 23)
+    c.missing_eos_penalty = -1.0
+
+    c.kl = ml_collections.ConfigDict()
+    c.kl.mode = "fixed"  # 'fixed' (the paper: β = 0.02) or 'adaptive' (Ziegler et al.)
+    c.kl.init_coef = 0.02  # β
+    c.kl.target = 6.0  # adaptive: target KL in nats per sequence
+    c.kl.horizon = 10_000  # adaptive: episodes over which the error is corrected (K_β = batch / horizon)
+
+    c.ptx_coef = 0.0  # γ: 0 = PPO; the paper's PPO-ptx: 27.8
+    c.ptx_ratio = 8  # pretraining rows per RL episode (the paper: 8)
+    c.loss_chunk = 512  # positions per chunk of the fused LM head + cross-entropy for the ptx term
+    c.frozen_dtype = ""  # dtype of the frozen reference and RM ("" = as trained; e.g. 'bfloat16')
+
+    c.optim = ml_collections.ConfigDict()  # the policy; steps are minibatch updates
+    c.optim.lr = 2e-4  # tiny model (the paper's peak is swept, not stated)
+    c.optim.warmup_steps = 40  # the paper: 10 iterations (here 10 × 4 minibatches)
+    c.optim.warmup_start_fraction = 0.1  # from 0.1× peak (App. C.4)
+    c.optim.final_lr_fraction = 1.0  # constant after warmup (the paper)
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-5  # [LHP], N+
+    c.optim.weight_decay = 0.0
+    c.optim.grad_clip = 1.0
+    c.optim.grad_accum_steps = 1
+
+    c.value_optim = ml_collections.ConfigDict()  # the value model
+    c.value_optim.lr = 1e-3  # tiny model (the paper: 9e-6 for the 6B value model)
+    c.value_optim.warmup_steps = 0
+    c.value_optim.final_lr_fraction = 1.0
+    c.value_optim.b1 = 0.9
+    c.value_optim.b2 = 0.95
+    c.value_optim.eps = 1e-5
+    c.value_optim.weight_decay = 0.0
+    c.value_optim.grad_clip = 1.0
+    c.value_optim.grad_accum_steps = 1
+
+    c.eval_prompts = 200  # validation prompts for the greedy RM / gold score of each evaluation
+    c.eval_batch_size = 200
+    c.mesh_shape = (1, -1, 1)
+    c.rules = [list(r) for r in model_presets.DEFAULT_RULES]
+    c.seed = 0
+    c.log_every = 1  # iterations
+    c.eval_every = 25
+    c.checkpoint_every = 25
+    c.keep_checkpoints = 2
+    c.nan_policy = "stop"  # PPO stops on a non-finite update (no 'skip')
+
+    if preset == "tiny":
+        pass
+    elif preset == "tiny_ptx":
+        c.ptx_coef = 27.8
+    elif preset in ("paper_1p3b", "paper_6b"):
+        c.batch_size = 512
+        c.minibatch_size = 64
+        c.total_episodes = 256_000
+        c.ptx_coef = 27.8
+        c.max_new_tokens = 1024  # the paper's maximum response length
+        c.data.max_prompt_len = 1024
+        c.data.ptx_len = 2048
+        c.optim.lr = 9.65e-6
+        c.optim.warmup_steps = 80  # 10 iterations × 8 minibatches
+        c.value_optim.lr = 9e-6
+        c.frozen_dtype = "bfloat16"
+        c.eval_every = 50
+        c.checkpoint_every = 10
+    else:
+        raise ValueError(f"unknown ppo preset {preset!r}: tiny, tiny_ptx, paper_1p3b, paper_6b")
+    return c

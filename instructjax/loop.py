@@ -1,0 +1,163 @@
+"""The training loop every stage shares: resume, steps, logging, evaluation, checkpoints, preemption.
+
+A stage's ``train()`` builds its data, state and jitted step, then hands them to ``run``, which owns
+everything that must be the same for every stage:
+
+- **Resume.** The latest checkpoint in ``workdir/checkpoints`` is restored (state, data iterators, the
+  loop's own ``meta``), so rerunning a command continues it exactly.
+- **Steps.** ``step_fn(state) -> (state, out)`` is called ``micro_steps`` times per counted step (gradient
+  accumulation); ``out`` holds scalars. ``out["real_tokens"]`` / ``out["computed_tokens"]`` (if present)
+  give the throughput and MFU columns.
+- **Logging** every ``config.log_every`` steps to ``metrics.jsonl``, TensorBoard and a progress bar.
+- **Evaluation** every ``config.eval_every`` steps and at the end; the best by ``select`` is saved in
+  ``workdir/best``.
+- **Checkpoints** every ``config.checkpoint_every`` steps, at the end, and on SIGTERM (then the loop
+  stops with status ``"preempted"``). On any exception, in-flight writes still finish, so a crash loses at
+  most the work since the last save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from instructjax import checkpoint, metrics, steps
+
+
+@dataclasses.dataclass
+class Result:
+    state: Any
+    status: str  # "done" or "preempted"
+    meta: dict  # best, best_step, evals, train_seconds, wall_seconds (this run's share added)
+    resumed: bool
+
+
+def run(
+    config: Any,
+    workdir: pathlib.Path,
+    *,
+    state: Any,
+    state_shardings: Any,
+    iters: dict[str, Any],
+    step_fn: Callable[[Any], tuple[Any, dict]],
+    evaluate: Callable[[Any], dict[str, float]],
+    total_steps: int,
+    select: tuple[str, str],
+    start_info: dict[str, Any],
+    micro_steps: int = 1,
+    lr_fn: Callable[[int], float] | None = None,
+    flops_per_token: float = 0.0,
+    started_at: float | None = None,
+    eval_at_start: bool = False,
+) -> Result:
+    """Run ``step_fn`` to ``total_steps`` (resuming if a checkpoint exists); see the module docstring.
+
+    ``state`` is a ``steps.TrainState``-like struct (``step``, ``params``, ``skipped_steps``); ``evaluate(params)``
+    returns metrics; ``select = (metric, "min" | "max")`` picks ``workdir/best``; ``started_at``
+    (``time.perf_counter()`` when the stage began) counts set-up time into ``wall_seconds``;
+    ``eval_at_start`` also evaluates the initial params (step 0; not a candidate for ``best``).
+    """
+    wall_start = started_at or time.perf_counter()
+    key, direction = select
+    if direction not in ("min", "max"):
+        raise ValueError(f"select direction {direction!r}: expected 'min' or 'max'")
+
+    # ----------------------------------------------------------------- Restore (automatic resume)
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+    meta = {"best": None, "best_step": None, "evals": [], "train_seconds": 0.0, "wall_seconds": 0.0}
+    restored = ckpt.restore(state, state_shardings, iters)
+    if restored is not None:
+        state, meta = restored
+    start_step = int(state.step) // micro_steps
+
+    # ----------------------------------------------------------------- Loop
+    writer = metrics.MetricsWriter(workdir, total_steps, resume_step=start_step, desc=config.stage)
+    peak = metrics.peak_flops_per_device() * jax.device_count()
+    writer.write(
+        start_step,
+        {"event": "start", "total_steps": total_steps, "devices": jax.device_count(), "resumed": restored is not None}
+        | start_info,
+    )
+    if eval_at_start and start_step == 0 and not meta["evals"]:  # the starting point, for curves and comparison
+        result = evaluate(state.params)
+        meta["evals"].append({"step": 0, **result})
+        writer.write(0, result)
+    real_since = computed_since = 0.0
+    timer, compiled = time.perf_counter(), False
+    status = "done"
+    try:
+        with checkpoint.PreemptionGuard() as guard:
+            for step in range(start_step, total_steps):
+                if guard.requested:
+                    status = "preempted"
+                    break
+                for _ in range(micro_steps):
+                    t0 = time.perf_counter()
+                    state, out = step_fn(state)
+                    if config.nan_policy == "stop":
+                        steps.check_finite(step + 1, {k: out[k] for k in ("loss", "grad_norm", "finite") if k in out})
+                    if not compiled:  # the first step's time is compilation, kept out of throughput
+                        compiled = True
+                        writer.write(step, {"event": "compiled", "compile_seconds": time.perf_counter() - t0})
+                        timer = time.perf_counter()
+                    else:
+                        real_since += float(out.get("real_tokens", 0.0))
+                        computed_since += float(out.get("computed_tokens", 0.0))
+                done = step + 1
+                if done % config.log_every == 0 or done == total_steps:
+                    elapsed = max(time.perf_counter() - timer, 1e-9)
+                    row = {k: float(v) for k, v in out.items() if k != "finite"}
+                    row.update(
+                        tokens_per_s=real_since / elapsed,  # non-pad tokens
+                        mfu=computed_since / elapsed * flops_per_token / peak,  # every computed position
+                        skipped_steps=int(state.skipped_steps),
+                    )
+                    if lr_fn is not None:
+                        row["lr"] = float(lr_fn(done))
+                    writer.write(done, row)
+                    writer.progress(done, loss=row.get("loss", float("nan")), tok_s=row["tokens_per_s"], mfu=row["mfu"])
+                    meta["train_seconds"] += elapsed
+                    real_since = computed_since = 0.0
+                    timer = time.perf_counter()
+                if done % config.eval_every == 0 or done == total_steps:
+                    result = evaluate(state.params)
+                    value = result[key]
+                    if meta["best"] is None or (value < meta["best"] if direction == "min" else value > meta["best"]):
+                        meta["best"], meta["best_step"] = value, done
+                        ckpt.save_best(state.params, done)
+                    meta["evals"].append({"step": done, **result})
+                    writer.write(done, {**result, f"best_{key}": meta["best"]})
+                    timer = time.perf_counter()
+                if done % config.checkpoint_every == 0 or done == total_steps:
+                    meta["wall_seconds"] += time.perf_counter() - wall_start  # this run's share, saved with the step
+                    wall_start = time.perf_counter()
+                    ckpt.save(state, iters, meta)
+            if status == "preempted":
+                ckpt.save(state, iters, meta)
+    finally:
+        ckpt.close()
+        writer.close()
+    meta["wall_seconds"] += time.perf_counter() - wall_start
+    return Result(state=state, status=status, meta=meta, resumed=restored is not None)
+
+
+def summary(result: Result, total_steps: int, micro_steps: int = 1, **extra: Any) -> dict[str, Any]:
+    """The stage summary written to ``summary.json``."""
+    best_eval = next((e for e in result.meta["evals"] if e["step"] == result.meta["best_step"]), None)
+    return {
+        "status": result.status,
+        "step": int(result.state.step) // micro_steps,
+        "total_steps": total_steps,
+        "final": result.meta["evals"][-1] if result.meta["evals"] else None,
+        "best": result.meta["best"],
+        "best_step": result.meta["best_step"],
+        "best_eval": best_eval,
+        "train_seconds": result.meta["train_seconds"],
+        "wall_seconds": result.meta["wall_seconds"],
+        **extra,
+    }

@@ -1,0 +1,137 @@
+"""The reward model as a scorer: the scalar head read at the EOS token, minus the normalisation bias.
+
+Where the reward is read (the paper leaves it open, paper_spec §2): at the **last real token** of
+prompt ⊕ response. Every well-formed sequence ends with its EOS, so that is the EOS token (as in N+
+Detail 12); RM training data is right-padded and PPO rollouts are a left-padded prompt followed by a
+right-padded response, and "last position whose mask is 1" finds the EOS in both layouts. A response
+with no EOS (cut at the length limit) is read at its last token; PPO replaces that score by the
+missing-EOS penalty.
+
+Bias normalisation (§3.5): after training, ``train_rm`` stores the mean raw reward of the SFT
+demonstrations in ``<rm workdir>/reward_bias.json``; every public scorer here subtracts it, so the
+demonstrations score 0 on average.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instructjax import evaluate, sharding
+from instructjax.data import formats
+from instructjax.model import ModelConfig, Transformer
+
+BIAS_FILE = "reward_bias.json"
+
+
+def last_token(values_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
+    """``values_bt[b, t_b]`` where ``t_b`` is the last position with ``mask_bt[b] == 1`` (position 0 if none)."""
+    length = mask_bt.shape[1]
+    last = length - 1 - jnp.argmax(mask_bt[:, ::-1].astype(jnp.int32), axis=1)
+    last = jnp.where(mask_bt.any(axis=1), last, 0)
+    return jnp.take_along_axis(values_bt, last[:, None], axis=1)[:, 0]
+
+
+def sequence_rewards(
+    model: Transformer, params: Any, tokens_bt: jax.Array, mask_bt: jax.Array, rngs: dict | None = None
+) -> jax.Array:
+    """Raw (un-normalised) rewards [B] of right- or left-padded sequences, read at the last real token."""
+    values_bt = model.apply({"params": params}, tokens_bt, mask_bt, deterministic=rngs is None, rngs=rngs)
+    return last_token(values_bt, mask_bt)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _rewards(params: Any, tokens_bt: jax.Array, mask_bt: jax.Array, cfg: ModelConfig) -> jax.Array:
+    return sequence_rewards(Transformer(cfg), params, tokens_bt, mask_bt)
+
+
+@dataclasses.dataclass
+class RewardModel:
+    """A trained RM: its stage (model, params, tokenizer, mesh) and the demonstration bias."""
+
+    stage: evaluate.Stage
+    bias: float
+
+
+def load_reward_model(
+    workdir: str | pathlib.Path, best: bool = True, mesh_shape: Sequence[int] | None = None
+) -> RewardModel:
+    """The RM of a ``train_rm`` workdir (the best validation checkpoint unless ``best=False``) and its bias."""
+    bias = load_bias(workdir)
+    stage = evaluate.load_stage(workdir, best=best, mesh_shape=mesh_shape)
+    if stage.model_cfg.head != "scalar":
+        raise ValueError(f"{workdir} holds a model with head={stage.model_cfg.head!r}, not a reward model")
+    return RewardModel(stage, bias)
+
+
+def load_bias(workdir: str | pathlib.Path) -> float:
+    """The demonstration bias ``train_rm`` stored in ``<workdir>/reward_bias.json``."""
+    bias_file = pathlib.Path(workdir) / BIAS_FILE
+    if not bias_file.exists():
+        raise FileNotFoundError(f"{bias_file} is missing: the RM stage has not finished (rerun train_rm to finish it)")
+    return float(json.loads(bias_file.read_text())["bias"])
+
+
+def raw_scores(
+    stage: evaluate.Stage,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    stopped: Sequence[bool] | None = None,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Raw RM rewards of (prompt, response) texts, encoded as in RM training (template, EOS if ``stopped``,
+    the prompt cut from the left to fit ``data.max_len``)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    stopped = [True] * len(prompts) if stopped is None else list(stopped)
+    tok, data = stage.tokenizer, stage.config.data
+    template, max_len = data.get("prompt_template", "{prompt}"), data.max_len
+    divisor = sharding.batch_divisor(stage.mesh, stage.rules)
+    batch_size = divisor * -(-batch_size // divisor)
+    out = []
+    with sharding.use(stage.mesh, stage.rules):
+        for start in range(0, len(prompts), batch_size):
+            tokens = np.full((batch_size, max_len), tok.pad_id, np.int32)
+            mask = np.zeros((batch_size, max_len), np.int32)
+            for row, i in enumerate(range(start, min(start + batch_size, len(prompts)))):
+                response = tok.encode(responses[i]) + ([tok.eos_id] if stopped[i] else [])
+                p, r = formats.truncate(tok.encode(template.format(prompt=prompts[i])), response, max_len)
+                tokens[row, : len(p) + len(r)], mask[row, : len(p) + len(r)] = p + r, 1
+            batch = sharding.to_global((tokens, mask), stage.mesh, stage.rules)
+            rewards = np.asarray(_rewards(stage.params, *batch, cfg=stage.model_cfg))
+            out.append(rewards[: min(batch_size, len(prompts) - start)])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def score_texts(
+    rm: RewardModel,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    stopped: Sequence[bool] | None = None,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Normalised RM rewards (raw minus the demonstration bias) of (prompt, response) texts."""
+    return raw_scores(rm.stage, prompts, responses, stopped, batch_size) - rm.bias
+
+
+def policy_score_fn(
+    rm: RewardModel, policy: evaluate.Stage, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 64
+) -> Callable[[Any], float]:
+    """``score(params)``: the mean normalised RM score of greedy responses of the policy (``policy``'s model,
+    tokenizer and mesh; its params are replaced) on ``prompts``. The paper's SFT checkpoint selection (§3.5)."""
+
+    def score(params: Any) -> float:
+        stage = dataclasses.replace(policy, params=params)
+        responses = evaluate.sample_texts(stage, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        texts, stopped = zip(*responses, strict=True)
+        return float(np.mean(score_texts(rm, prompts, texts, stopped, batch_size)))
+
+    return score

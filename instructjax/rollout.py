@@ -1,0 +1,176 @@
+"""PPO rollouts (paper_spec §3): score sampled responses, shape per-token rewards, GAE, whitening.
+
+A rollout batch is B left-padded prompts ``[B,P]`` with the policy's sampled responses ``[B,N]``
+(``sampling.generate``: right-padded after EOS, ``response_mask`` 1 up to and including the EOS).
+``score`` runs one full forward of each model over prompt ⊕ response (dropout off everywhere):
+
+- ``logprobs``: the policy's log π(y_t | x, y_<t), recomputed by the same full forward the update
+  uses, so the first update's ratio is exactly 1 (the sampler's cached log-probs are not reused);
+- ``ref_logprobs``: the same under the frozen SFT reference;
+- ``values``: the value model's V_t for the state before token t (its output at position t-1);
+- ``scores``: the frozen RM at the EOS (``reward.last_token``) minus its bias, replaced by
+  ``missing_eos_penalty`` when the response has no EOS (N+ Detail 23; [LHP] ``penalty_reward_value``).
+
+Then ``kl_shaped_rewards`` gives r_t = -β(log π - log π_ref) + [t = last]·score and ``gae`` the
+advantages and returns with γ = 1 (the paper: no discount) and λ = 0.95 (the paper leaves λ open;
+[S20], [LHP] and N+ use 0.95).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from instructjax import losses, reward
+from instructjax.model import Transformer
+
+
+@struct.dataclass
+class Rollout:
+    prompt: jax.Array  # [B,P] left-padded
+    prompt_mask: jax.Array  # [B,P]
+    response: jax.Array  # [B,N] pad after EOS
+    response_mask: jax.Array  # [B,N] 1 up to and including EOS
+    logprobs: jax.Array  # [B,N] policy (π_old for the update)
+    ref_logprobs: jax.Array  # [B,N] frozen reference
+    values: jax.Array  # [B,N] value model (V_old)
+    scores: jax.Array  # [B] normalised RM score, or the missing-EOS penalty
+    stopped: jax.Array  # [B] the response ends with EOS
+    entropy: jax.Array  # [B,N] policy entropy at each response position
+    rewards: jax.Array | None = None  # [B,N] shaped per-token rewards
+    advantages: jax.Array | None = None  # [B,N] whitened
+    returns: jax.Array | None = None  # [B,N]
+
+
+def kl_shaped_rewards(
+    logprobs_bn: jax.Array, ref_logprobs_bn: jax.Array, scores_b: jax.Array, mask_bn: jax.Array, beta: jax.Array
+) -> jax.Array:
+    """Per-token rewards (paper_spec §3.2; [LHP] ``compute_rewards``):
+
+        r_t = -β·(log π(y_t) - log π_ref(y_t)) + 1[t = T]·score
+
+    for t up to the last response token T (the EOS, or the last token of a cut response); 0 after it.
+    """
+    mask = mask_bn.astype(jnp.float32)
+    last = jnp.maximum(mask.sum(axis=1).astype(jnp.int32) - 1, 0)
+    at_last = jax.nn.one_hot(last, mask.shape[1], dtype=jnp.float32) * (mask.sum(axis=1, keepdims=True) > 0)
+    return -beta * (logprobs_bn - ref_logprobs_bn) * mask + at_last * scores_b[:, None]
+
+
+def gae(
+    rewards_bn: jax.Array, values_bn: jax.Array, mask_bn: jax.Array, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation as a reverse ``lax.scan`` over tokens (paper_spec §3.3):
+
+        δ_t = r_t + γ·V_{t+1} - V_t,    A_t = δ_t + γλ·A_{t+1},    R_t = A_t + V_t
+
+    with V_{T+1} = A_{T+1} = 0 past the last response token; A and R are 0 where the mask is 0.
+    Returns ``(advantages, returns)``, both [B,N].
+    """
+    mask = mask_bn.astype(jnp.float32)
+    values = values_bn * mask
+    next_values = jnp.pad(values[:, 1:], ((0, 0), (0, 1)))
+
+    def step(next_adv, xs):
+        r, v, v_next, m = xs
+        adv = (r + gamma * v_next - v + gamma * lam * next_adv) * m
+        return adv, adv
+
+    xs = (rewards_bn.T, values.T, next_values.T, mask.T)  # scan over the token axis, last token first
+    _, adv_nb = jax.lax.scan(step, jnp.zeros(rewards_bn.shape[0], jnp.float32), xs, reverse=True)
+    advantages = adv_nb.T
+    return advantages, (advantages + values) * mask
+
+
+def whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True) -> jax.Array:
+    """``(x - mean) / sqrt(var + 1e-8)`` over the masked entries ([LHP] ``whiten``); with
+    ``shift_mean=False`` the mean is added back (reward whitening keeps the reward's sign)."""
+    mean = losses.masked_mean(x, mask)
+    var = losses.masked_mean(jnp.square(x - mean), mask)
+    out = (x - mean) * jax.lax.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def response_logprobs(
+    model: Transformer, params: Any, tokens_bt: jax.Array, mask_bt: jax.Array, prompt_len: int, temperature: float
+) -> tuple[jax.Array, jax.Array]:
+    """``(log π(y_t), entropy_t)`` for the response tokens (positions ``prompt_len:``) of prompt ⊕ response,
+    with the logits divided by the sampling temperature (paper_spec §3.3)."""
+    logits = model.apply({"params": params}, tokens_bt, mask_bt) / temperature
+    logp = losses.token_logprobs(logits, tokens_bt)[:, prompt_len:]
+    step_logits = logits[:, prompt_len - 1 : -1].astype(jnp.float32)  # the logits that predicted each y_t
+    log_softmax = jax.nn.log_softmax(step_logits, axis=-1)
+    entropy = -(jnp.exp(log_softmax) * log_softmax).sum(axis=-1)
+    return logp, entropy
+
+
+def response_values(model: Transformer, params: Any, tokens_bt: jax.Array, mask_bt: jax.Array, prompt_len: int):
+    """V_t for each response token: the value model's output at the position before it."""
+    return model.apply({"params": params}, tokens_bt, mask_bt)[:, prompt_len - 1 : -1]
+
+
+def score(
+    models: dict[str, Transformer],
+    params: dict[str, Any],
+    prompt: jax.Array,
+    prompt_mask: jax.Array,
+    response: jax.Array,
+    response_mask: jax.Array,
+    *,
+    eos_id: int,
+    rm_bias: float,
+    missing_eos_penalty: float | None,
+    temperature: float,
+    minibatch_size: int,
+) -> Rollout:
+    """Every model's view of the sampled responses (``models``/``params`` keyed policy, ref, value, rm)."""
+    tokens = jnp.concatenate([prompt, response], axis=1)
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+    p = prompt.shape[1]
+    # Log-probs in minibatch-sized chunks: the same shapes as the update's forward, so the first update
+    # recomputes them bit for bit (another batch size may round differently), and the policy's equal the
+    # reference's while their params are equal.
+    b = tokens.shape[0]
+    chunks = lambda x: x.reshape(b // minibatch_size, minibatch_size, *x.shape[1:])  # noqa: E731
+
+    def logprobs_of(name):
+        fn = lambda tm: response_logprobs(models[name], params[name], *tm, p, temperature)  # noqa: E731
+        logp, entropy = jax.lax.map(fn, (chunks(tokens), chunks(mask)))
+        return logp.reshape(b, -1), entropy.reshape(b, -1)
+
+    logprobs, entropy = logprobs_of("policy")
+    ref_logprobs, _ = logprobs_of("ref")
+    values = response_values(models["value"], params["value"], tokens, mask, p)
+    raw = reward.sequence_rewards(models["rm"], params["rm"], tokens, mask)
+    stopped = ((response == eos_id) & (response_mask > 0)).any(axis=1)
+    scores = raw - rm_bias
+    if missing_eos_penalty is not None:
+        scores = jnp.where(stopped, scores, missing_eos_penalty)
+    m = response_mask.astype(jnp.float32)
+    return Rollout(
+        prompt=prompt,
+        prompt_mask=prompt_mask,
+        response=response,
+        response_mask=response_mask,
+        logprobs=logprobs * m,
+        ref_logprobs=ref_logprobs * m,
+        values=values * m,
+        scores=scores,
+        stopped=stopped,
+        entropy=entropy * m,
+    )
+
+
+def finish(rollout: Rollout, beta: jax.Array, gamma: float, lam: float, whiten_rewards: bool = False) -> Rollout:
+    """Add shaped rewards, advantages (whitened over the batch's response tokens) and returns."""
+    mask = rollout.response_mask
+    rewards = kl_shaped_rewards(rollout.logprobs, rollout.ref_logprobs, rollout.scores, mask, beta)
+    if whiten_rewards:
+        rewards = whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, rollout.values, mask, gamma, lam)
+    return rollout.replace(rewards=rewards, advantages=whiten(advantages, mask), returns=returns)

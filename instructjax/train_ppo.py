@@ -1,0 +1,346 @@
+"""Stage 3, PPO and PPO-ptx (paper_spec §3): ``train(config, workdir)``.
+
+Objective (Eq. 2): E_{x, y~π}[r_θ(x,y) - β·log(π(y|x)/π_SFT(y|x))] + γ·E_{x~pretrain}[log π(x)].
+
+Four parameter sets share one mesh: the **policy** (trained; from ``config.policy_from``, the PPO-init
+SFT), the frozen **reference** (the same checkpoint), the **value model** (trained, separate params,
+initialised from the RM: ``config.rm_from``) and the frozen **RM** with its bias. The frozen two can be
+stored in ``config.frozen_dtype`` (e.g. bfloat16). Dropout is off in all four (the first ratio is 1).
+
+One iteration (one counted step of ``loop.run``):
+
+1. **Generate** ``batch_size`` responses to training prompts at temperature 1 (``sampling.generate``).
+2. **Score** (``rollout.score``): policy and reference log-probs, values, the RM score at the EOS minus
+   the bias (the missing-EOS penalty if there is none), then per-token KL-shaped rewards, GAE
+   (γ = 1, λ) and whitened advantages (``rollout.finish``).
+3. **Update**: ``ppo_epochs`` passes over the rollout in shuffled minibatches. Each minibatch takes one
+   Adam step of the policy on the clipped surrogate plus, for PPO-ptx, γ times the LM loss on
+   ``ptx_ratio × minibatch`` pretraining rows (the two gradients summed, as the paper accumulates them),
+   and one Adam step of the value model on the clipped value loss.
+4. **KL coefficient**: fixed β (the paper: 0.02) or the adaptive controller of Ziegler et al.
+
+Rerunning resumes exactly: policy, value, both optimizers, β, the prompt and pretraining iterators and
+the RNG are in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+
+from instructjax import checkpoint, evaluate, loop, losses, optim, reward, rollout, sampling, sharding
+from instructjax.data import pipeline, tfds_builder
+from instructjax.model import ModelConfig, Transformer, count_params, unembedding
+from instructjax.tokenizer import load_tokenizer
+
+
+@struct.dataclass
+class PPOState:
+    step: jax.Array  # iterations done
+    params: Any  # the policy (the ``params`` checkpoint item, what later stages load)
+    opt_state: Any
+    value_params: Any
+    value_opt_state: Any
+    kl_coef: jax.Array  # β (changes only with the adaptive controller)
+    rng: jax.Array  # jax.random.key_data of the run's base key
+    skipped_steps: jax.Array  # kept for loop.run; PPO stops on a non-finite update (nan_policy='stop')
+
+
+def _stage_config(workdir: str) -> ml_collections.ConfigDict:
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: is {workdir} a finished stage's workdir?")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Run PPO (γ = ``config.ptx_coef`` = 0) or PPO-ptx; returns the summary (also ``summary.json``)."""
+    # ----------------------------------------------------------------- Set-up: workdir, mesh, models
+    wall_start = time.perf_counter()
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1) + "\n")
+    if not config.policy_from or not config.rm_from:
+        raise ValueError(
+            "config.policy_from (the PPO-init SFT workdir) and config.rm_from (the RM workdir) are required"
+        )
+    mesh, rules = sharding.make_mesh(config.mesh_shape), sharding.as_rules(config.rules)
+    policy_source, rm_source = _stage_config(config.policy_from), _stage_config(config.rm_from)
+    policy_cfg = dataclasses.replace(ModelConfig.from_dict(policy_source.model), dropout_rate=0.0)
+    value_cfg = dataclasses.replace(ModelConfig.from_dict(rm_source.model), dropout_rate=0.0)
+    if policy_cfg.head != "lm" or value_cfg.head != "scalar":
+        raise ValueError(f"{config.policy_from} must hold a policy and {config.rm_from} a reward model")
+    policy_model, value_model = Transformer(policy_cfg), Transformer(value_cfg)
+    frozen_dtype = jnp.dtype(config.frozen_dtype) if config.frozen_dtype else None
+    ref_model = Transformer(dataclasses.replace(policy_cfg, dtype=config.frozen_dtype or policy_cfg.dtype))
+    rm_model = Transformer(dataclasses.replace(value_cfg, dtype=config.frozen_dtype or value_cfg.dtype))
+    rm_bias = reward.load_bias(config.rm_from)
+
+    # ----------------------------------------------------------------- Data
+    world = pathlib.Path(policy_source.data.world_dir)
+    data = config.data
+    tokenizer = load_tokenizer(policy_source.data.tokenizer or world / "tokenizer.json")
+    cache = policy_source.data.cache_dir or world / "tfds"
+    template = policy_source.data.prompt_template
+    fmt = pipeline.TextFormat(tokenizer, policy_source.data.max_len, data.max_prompt_len, template)
+    for name in ("batch_size", "minibatch_size"):
+        sharding.check_batch_size(f"config.{name}", config[name], mesh, rules)
+    if config.batch_size % config.minibatch_size:
+        raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of minibatch_size")
+    prompt_src = tfds_builder.build("prompts", {"train": world / data.prompts_file}, cache, data.skip_bad)["train"]
+    iters = {"prompts": iter(pipeline.prompt_batches(prompt_src, fmt, config.batch_size, config.seed))}
+    ptx_rows = 0
+    if config.ptx_coef > 0:
+        ptx_rows = sharding.batch_divisor(mesh, rules) * math.ceil(
+            config.ptx_ratio * config.minibatch_size / sharding.batch_divisor(mesh, rules)
+        )
+        ptx_src = tfds_builder.build("pretrain", {"train": world / data.pretrain_file}, cache)["train"]
+        iters["ptx"] = iter(pipeline.pretrain_batches(ptx_src, tokenizer, data.ptx_len, ptx_rows, config.seed + 1))
+    eval_prompts = [json.loads(line)["prompt"] for line in (world / data.eval_prompts_file).read_text().splitlines()]
+    eval_prompts = eval_prompts[: config.eval_prompts]
+    gold_score = _gold_scorer(world)
+    minibatches = config.batch_size // config.minibatch_size
+    total_steps = config.num_iterations or math.ceil(config.total_episodes / config.batch_size)
+    total_updates = total_steps * config.ppo_epochs * minibatches
+
+    # ----------------------------------------------------------------- Sharded state: four parameter sets
+    tx_policy = optim.make_optimizer(config.optim, total_updates)
+    tx_value = optim.make_optimizer(config.value_optim, total_updates)
+    example = np.zeros((1, 8), np.int32)
+
+    def new_state(policy, value, rng_data):
+        return PPOState(
+            step=jnp.zeros((), jnp.int32),
+            params=policy,
+            opt_state=tx_policy.init(policy),
+            value_params=value,
+            value_opt_state=tx_value.init(value),
+            kl_coef=jnp.asarray(config.kl.init_coef, jnp.float32),
+            rng=rng_data,
+            skipped_steps=jnp.zeros((), jnp.int32),
+        )
+
+    rng_data = jax.random.key_data(jax.random.key(config.seed))
+    shapes, state_sh = sharding.abstract_sharded(
+        lambda r: new_state(
+            policy_model.init(r, example)["params"],
+            value_model.init(r, example)["params"],
+            nn.LogicallyPartitioned(rng_data, (None,)),
+        ),
+        mesh,
+        rules,
+    )
+    # Straight from the checkpoints onto the mesh (no random init): the policy and reference from the
+    # PPO-init SFT, the value model and the RM from the RM (both the selected, "best", params). The frozen
+    # copies are separate arrays because the trained ones are donated every update.
+    load_policy = lambda: checkpoint.load_params(config.policy_from, shapes.params, state_sh.params, best=True)  # noqa: E731
+    load_rm = lambda: checkpoint.load_params(config.rm_from, shapes.value_params, state_sh.value_params, best=True)  # noqa: E731
+    with sharding.use(mesh, rules):
+        state = jax.jit(lambda p, v: new_state(p, v, rng_data), out_shardings=state_sh)(load_policy(), load_rm())
+    frozen = {"ref": _cast(load_policy(), frozen_dtype), "rm": _cast(load_rm(), frozen_dtype)}
+    n_params = count_params(state.params)
+
+    # ----------------------------------------------------------------- Jitted pieces
+    models = {"policy": policy_model, "ref": ref_model, "value": value_model, "rm": rm_model}
+
+    @jax.jit
+    def score(policy_params, value_params, frozen, batch, gen, kl_coef):
+        out = rollout.score(
+            models,
+            {"policy": policy_params, "value": value_params, **frozen},
+            batch["prompt"],
+            batch["prompt_mask"],
+            gen.tokens,
+            gen.mask,
+            eos_id=tokenizer.eos_id,
+            rm_bias=rm_bias,
+            missing_eos_penalty=config.missing_eos_penalty if config.use_missing_eos_penalty else None,
+            temperature=config.temperature,
+            minibatch_size=config.minibatch_size,
+        )
+        return rollout.finish(out, kl_coef, config.gamma, config.lam, config.whiten_rewards)
+
+    def policy_loss_fn(params, mb, ptx):
+        tokens = jnp.concatenate([mb.prompt, mb.response], axis=1)
+        mask = jnp.concatenate([mb.prompt_mask, mb.response_mask], axis=1)
+        logprobs, _ = rollout.response_logprobs(
+            policy_model, params, tokens, mask, mb.prompt.shape[1], config.temperature
+        )
+        pg_loss, stats = losses.ppo_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, config.clip_eps)
+        stats["pg_loss"] = pg_loss
+        loss = pg_loss
+        if ptx is not None:  # PPO-ptx: γ · pretraining NLL, its gradient summed with the PPO gradient
+            hidden = policy_model.apply({"params": params}, ptx["tokens"], segment_ids_bt=ptx["segment_ids"],
+                                        return_hidden=True)  # fmt: skip
+            ptx_loss, _ = losses.fused_lm_loss(
+                hidden, unembedding(params, policy_cfg), ptx["tokens"], ptx["loss_mask"], config.loss_chunk
+            )
+            stats["ptx_loss"] = ptx_loss
+            loss = loss + config.ptx_coef * ptx_loss
+        return loss, stats
+
+    def value_loss_fn(params, mb):
+        tokens = jnp.concatenate([mb.prompt, mb.response], axis=1)
+        mask = jnp.concatenate([mb.prompt_mask, mb.response_mask], axis=1)
+        values = rollout.response_values(value_model, params, tokens, mask, mb.prompt.shape[1])
+        loss, stats = losses.value_loss(values, mb.values, mb.returns, mb.response_mask, config.value_clip)
+        return loss, {**stats, "value_loss": loss}
+
+    def update(state: PPOState, ro: rollout.Rollout, rows: jax.Array, ptx: dict | None) -> tuple[PPOState, dict]:
+        mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x[rows], sharding.batch_sharding(
+            mesh, rules, x.ndim)), ro)  # fmt: skip
+        (_, p_stats), p_grads = jax.value_and_grad(policy_loss_fn, has_aux=True)(state.params, mb, ptx)
+        (_, v_stats), v_grads = jax.value_and_grad(value_loss_fn, has_aux=True)(state.value_params, mb)
+        p_updates, opt_state = tx_policy.update(p_grads, state.opt_state, state.params)
+        v_updates, value_opt_state = tx_value.update(v_grads, state.value_opt_state, state.value_params)
+        new_state = state.replace(
+            params=optax.apply_updates(state.params, p_updates),
+            opt_state=opt_state,
+            value_params=optax.apply_updates(state.value_params, v_updates),
+            value_opt_state=value_opt_state,
+        )
+        grad_norm = optax.tree.norm(p_grads)
+        finite = jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(v_grads))
+        return new_state, {**p_stats, **v_stats, "grad_norm": grad_norm, "finite": finite}
+
+    update = jax.jit(update, donate_argnums=0, out_shardings=(state_sh, None))
+    new_kl_coef = jax.jit(lambda coef, kl: _kl_controller(config.kl, coef, kl, config.batch_size))
+
+    # ----------------------------------------------------------------- One iteration
+    def iteration(state: PPOState) -> tuple[PPOState, dict]:
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        gen_rng, perm_rng = jax.random.split(rng)
+        t0 = time.perf_counter()
+        batch = sharding.to_global(next(iters["prompts"]), mesh, rules)
+        gen = sampling.generate(
+            state.params, policy_cfg, batch["prompt"], batch["prompt_mask"], gen_rng,
+            max_new_tokens=config.max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+            temperature=config.temperature,
+        )  # fmt: skip
+        jax.block_until_ready(gen)
+        t1 = time.perf_counter()
+        ro = score(state.params, state.value_params, frozen, batch, gen, state.kl_coef)
+        stats = _rollout_stats(ro, gold_score, tokenizer, template)
+        t2 = time.perf_counter()
+        updates = []
+        for epoch in range(config.ppo_epochs):
+            perm = np.asarray(jax.random.permutation(jax.random.fold_in(perm_rng, epoch), config.batch_size))
+            for i in range(minibatches):
+                ptx = sharding.to_global(next(iters["ptx"]), mesh, rules) if "ptx" in iters else None
+                rows = jnp.asarray(perm[i * config.minibatch_size : (i + 1) * config.minibatch_size])
+                state, mb_out = update(state, ro, rows, ptx)
+                updates.append(mb_out)
+        state = state.replace(step=state.step + 1, kl_coef=new_kl_coef(state.kl_coef, stats["kl"]))
+        jax.block_until_ready(state)
+        t3 = time.perf_counter()
+        # Means over the iteration's minibatch updates; finite only if every update was.
+        out = {k: float(np.mean([u[k] for u in updates])) for k in updates[0] if k != "finite"}
+        out["finite"] = all(bool(u["finite"]) for u in updates)
+        out.update(stats, kl_coef=float(state.kl_coef), loss=out["pg_loss"])
+        out.update(time_generate=t1 - t0, time_score=t2 - t1, time_update=t3 - t2)
+        tokens = config.batch_size * (batch["prompt"].shape[1] + config.max_new_tokens)
+        out["real_tokens"] = stats["response_length"] * config.batch_size
+        out["computed_tokens"] = tokens
+        return state, out
+
+    def evaluate_policy(params) -> dict[str, float]:
+        stage = evaluate.Stage(config, policy_cfg, params, tokenizer, mesh, rules)
+        responses = evaluate.sample_texts(
+            stage, eval_prompts, max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size,
+            template=template,
+        )  # fmt: skip
+        texts, stopped = zip(*responses, strict=True)
+        rm_stage = dataclasses.replace(stage, config=rm_source, model_cfg=value_cfg, params=frozen["rm"])
+        rm = reward.RewardModel(rm_stage, rm_bias)
+        result = {"val_rm_score": float(np.mean(reward.score_texts(rm, eval_prompts, texts, stopped)))}
+        if gold_score is not None:
+            golds = [gold_score(p, t, s) for p, t, s in zip(eval_prompts, texts, stopped, strict=True)]
+            result["val_gold_score"] = float(np.mean(golds))
+        return result
+
+    # ----------------------------------------------------------------- Train loop (instructjax/loop.py)
+    with sharding.use(mesh, rules):
+        result = loop.run(
+            config,
+            workdir,
+            state=state,
+            state_shardings=state_sh,
+            iters=iters,
+            step_fn=iteration,
+            evaluate=evaluate_policy,
+            total_steps=total_steps,
+            select=("val_rm_score", "max"),
+            start_info={"params": n_params, "ptx_rows_per_minibatch": ptx_rows, "minibatches": minibatches},
+            lr_fn=lambda it: optim.lr_schedule(config.optim, total_updates)(it * config.ppo_epochs * minibatches),
+            flops_per_token=0.0,
+            started_at=wall_start,
+            eval_at_start=True,
+        )
+
+    # ----------------------------------------------------------------- Finish
+    summary = loop.summary(result, total_steps, params=n_params, truncation=fmt.stats.as_dict())
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _cast(params: Any, dtype: Any) -> Any:
+    return params if dtype is None else jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+def _kl_controller(kl: Any, coef: jax.Array, observed_kl: jax.Array, batch_size: int) -> jax.Array:
+    """Fixed β, or the adaptive controller (Ziegler et al. §2.2; paper_spec §3.3):
+
+    e = clip(KL / KL_target - 1, -0.2, 0.2),   β ← β · (1 + e · batch_size / horizon)
+    """
+    if kl.mode == "fixed":
+        return coef
+    if kl.mode != "adaptive":
+        raise ValueError(f"config.kl.mode={kl.mode!r}: expected 'fixed' or 'adaptive'")
+    error = jnp.clip(observed_kl / kl.target - 1.0, -0.2, 0.2)
+    return coef * (1.0 + error * batch_size / kl.horizon)
+
+
+def _gold_scorer(world: pathlib.Path):
+    """``world.gold_score`` when the data is the synthetic world's, else None."""
+    if not (world / "world.json").exists():
+        return None
+    from instructjax.data import world as world_module
+
+    return world_module.gold_score
+
+
+def _rollout_stats(ro: rollout.Rollout, gold_score, tokenizer, template: str) -> dict[str, float]:
+    """Per-iteration rollout metrics (host floats)."""
+    mask = np.asarray(ro.response_mask, np.float32)
+    logratio = np.asarray(ro.logprobs) - np.asarray(ro.ref_logprobs)
+    returns, values = np.asarray(ro.returns)[mask > 0], np.asarray(ro.values)[mask > 0]
+    stats = {
+        "rm_score": float(np.mean(ro.scores)),
+        "kl": float(np.mean((logratio * mask).sum(axis=1))),  # Σ_t log π/π_ref, the sequence KL estimate
+        "entropy": float((np.asarray(ro.entropy) * mask).sum() / max(mask.sum(), 1.0)),
+        "response_length": float(mask.sum(axis=1).mean()),
+        "stop_rate": float(np.mean(ro.stopped)),
+        "explained_variance": float(1.0 - np.var(returns - values) / max(np.var(returns), 1e-8)),
+    }
+    if gold_score is not None:
+        prompts, responses = np.asarray(ro.prompt), np.asarray(ro.response)
+        golds = []
+        for p, r in zip(prompts, responses, strict=True):
+            text, stopped = tokenizer.decode_response(r.tolist())
+            golds.append(gold_score(tokenizer.decode(p.tolist()), text, stopped))
+        stats["gold_score"] = float(np.mean(golds))
+    return stats

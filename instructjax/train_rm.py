@@ -1,0 +1,236 @@
+"""Stage 2, the reward model (paper_spec §2): ``train(config, workdir)``.
+
+The model is the SFT transformer with the unembedding replaced by a scalar head initialised
+N(0, 1/(d_model+1)) (``config.init_from`` names the SFT workdir; every other parameter is copied). The
+reward of a sequence is the head's output at its EOS token (``reward.last_token``; the paper leaves the
+token open).
+
+Batching as in the paper: one batch element is one prompt with all its K ranked completions (K forward
+passes), and ``losses.ranking_loss`` averages -log σ(r_w - r_l) over the prompt's valid pairs (ties dropped)
+and then over prompts. ``data.pairs_as_examples`` gives the §3.5 ablation instead: every pair its own
+element, shuffled across the dataset (an epoch is then a pass over the pairs). Validation always uses the
+grouped form, so both variants are measured the same way.
+
+Validation metrics: ``val_loss`` (the grouped log loss), ``val_accuracy`` (pairs ordered as the labelers
+ordered them), the reward mean and std, and, when the data comes from the synthetic world (``world.json``
+beside it), ``val_gold_accuracy``: pairs ordered as the gold score orders them (gold ties skipped).
+
+After the last step, the mean raw reward of the SFT demonstrations (``data.demos_file``) under the
+selected (best validation loss) params is written to ``reward_bias.json``; ``reward.load_reward_model``
+subtracts it (§3.5), so the demonstrations score 0 on average.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instructjax import checkpoint, loop, losses, metrics, optim, reward, sharding, steps
+from instructjax.data import formats, pipeline, tfds_builder
+from instructjax.model import ModelConfig, Transformer, count_params
+from instructjax.tokenizer import load_tokenizer
+
+
+def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Train, evaluate, checkpoint and normalise the RM; returns the summary (also ``summary.json``)."""
+    # ----------------------------------------------------------------- Set-up: workdir, mesh, model
+    wall_start = time.perf_counter()
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1) + "\n")
+    mesh, rules = sharding.make_mesh(config.mesh_shape), sharding.as_rules(config.rules)
+    cfg = ModelConfig.from_dict(config.model)
+    if cfg.head != "scalar":
+        raise ValueError(f"config.model.head={cfg.head!r}: a reward model needs head='scalar'")
+    model = Transformer(cfg)
+
+    # ----------------------------------------------------------------- Data
+    if not config.data.world_dir:
+        raise ValueError("config.data.world_dir is not set (scripts/make_synthetic_data.py writes a world)")
+    world = pathlib.Path(config.data.world_dir)
+    tokenizer = load_tokenizer(config.data.tokenizer or world / "tokenizer.json")
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.vocab_size}")
+    cache = config.data.cache_dir or world / "tfds"
+    fmt = pipeline.TextFormat(tokenizer, config.data.max_len, config.data.max_prompt_len, config.data.prompt_template)
+    sharding.check_batch_size("config.batch_size", config.batch_size, mesh, rules)
+    sharding.check_batch_size("config.eval_batch_size", config.eval_batch_size, mesh, rules)
+    files = {"train": world / config.data.train_file, "valid": world / config.data.valid_file}
+    src = tfds_builder.build("comparisons", files, cache, config.data.skip_bad)
+    train_iter = pipeline.comparison_batches(
+        src["train"], fmt, config.batch_size, config.seed, k_max=config.data.k_max,
+        pairs_as_examples=config.data.pairs_as_examples,
+    )  # fmt: skip
+    iters = {"train": iter(train_iter)}
+    eval_batches = list(
+        pipeline.comparison_batches(
+            src["valid"], fmt, config.eval_batch_size, 0, k_max=config.data.k_max, shuffle=False, num_epochs=1
+        )
+    )
+    if (world / "world.json").exists():  # the synthetic world: its gold score orders the validation pairs
+        _add_gold_pair_masks(eval_batches, src["valid"], config.data.k_max)
+    if config.data.pairs_as_examples:
+        train_size = sum(len(formats.ranking_pairs(_ranking(src["train"][i]))) for i in range(len(src["train"])))
+    else:
+        train_size = len(src["train"])
+    accum = config.optim.grad_accum_steps
+    total_steps = config.num_steps or math.ceil(config.num_epochs * train_size / (config.batch_size * accum))
+
+    # ----------------------------------------------------------------- Model, optimizer, sharded state
+    tx = optim.make_optimizer(config.optim, total_steps)
+    example = np.zeros((1, config.data.max_len), np.int32)
+    state, state_sh = steps.create_train_state(lambda r: model.init(r, example)["params"], tx, mesh, rules, config.seed)
+    n_params = count_params(state.params)
+    if config.init_from:
+        state = state.replace(params=_from_policy(config.init_from, state.params, cfg, mesh, rules))
+
+    # ----------------------------------------------------------------- Steps
+    def loss_fn(params, batch, rng):
+        b, k, t = batch["tokens"].shape
+        rngs = None if rng is None else {"dropout": rng}
+        rewards_bk = reward.sequence_rewards(
+            model, params, batch["tokens"].reshape(b * k, t), batch["mask"].reshape(b * k, t), rngs
+        ).reshape(b, k)
+        pair_mask = batch["pair_mask"] * batch["row_valid"][:, None, None]
+        loss, accuracy = losses.ranking_loss(rewards_bk, pair_mask)
+        valid = (batch["valid"] * batch["row_valid"][:, None]).astype(jnp.float32)
+        n_pairs, n_prompts = pair_mask.sum(), (pair_mask.sum(axis=(1, 2)) > 0).sum()
+        out = {
+            "accuracy": accuracy,
+            "reward_mean": (rewards_bk * valid).sum() / jnp.maximum(valid.sum(), 1.0),
+            # sums for exact validation means over uneven batches
+            "prompts": n_prompts,
+            "pairs": n_pairs,
+            "completions": valid.sum(),
+            "reward_sum": (rewards_bk * valid).sum(),
+            "reward_sq_sum": (jnp.square(rewards_bk) * valid).sum(),
+            "real_tokens": batch["mask"].sum(),
+            "computed_tokens": batch["tokens"].size,
+        }
+        if "gold_pair_mask" in batch:
+            gold = batch["gold_pair_mask"] * batch["row_valid"][:, None, None]
+            out["gold_pairs"] = gold.sum()
+            out["gold_correct"] = losses.ranking_loss(rewards_bk, gold)[1] * gold.sum()
+        return loss, out
+
+    train_step = steps.make_train_step(loss_fn, tx, state_sh, config.nan_policy)
+    eval_step = steps.make_eval_step(loss_fn, state_sh.params)
+
+    def evaluate(params) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        for batch in eval_batches:
+            out = eval_step(params, sharding.to_global(batch, mesh, rules))
+            out["loss_sum"], out["correct"] = out["loss"] * out["prompts"], out["accuracy"] * out["pairs"]
+            for key in ("loss_sum", "correct", "prompts", "pairs", "completions", "reward_sum", "reward_sq_sum"):
+                sums[key] = sums.get(key, 0.0) + float(out[key])
+            for key in ("gold_pairs", "gold_correct"):
+                if key in out:
+                    sums[key] = sums.get(key, 0.0) + float(out[key])
+        mean = sums["reward_sum"] / max(sums["completions"], 1.0)
+        result = {
+            "val_loss": sums["loss_sum"] / max(sums["prompts"], 1.0),
+            "val_accuracy": sums["correct"] / max(sums["pairs"], 1.0),
+            "val_reward_mean": mean,
+            "val_reward_std": math.sqrt(max(sums["reward_sq_sum"] / max(sums["completions"], 1.0) - mean**2, 0.0)),
+        }
+        if "gold_pairs" in sums:
+            result["val_gold_accuracy"] = sums["gold_correct"] / max(sums["gold_pairs"], 1.0)
+        return result
+
+    # ----------------------------------------------------------------- Train loop (instructjax/loop.py)
+    with sharding.use(mesh, rules):
+        result = loop.run(
+            config,
+            workdir,
+            state=state,
+            state_shardings=state_sh,
+            iters=iters,
+            step_fn=lambda state: train_step(state, sharding.to_global(next(iters["train"]), mesh, rules)),
+            evaluate=evaluate,
+            total_steps=total_steps,
+            select=("val_loss", "min"),
+            start_info={"params": n_params, "train_examples": train_size},
+            micro_steps=accum,
+            lr_fn=optim.lr_schedule(config.optim, total_steps),
+            flops_per_token=metrics.training_flops_per_token(cfg, config.data.max_len),
+            started_at=wall_start,
+        )
+
+    # ----------------------------------------------------------------- Bias normalisation (§3.5)
+    bias = None
+    if result.status == "done":
+        best = checkpoint.load_params(workdir, result.state.params, state_sh.params, best=True)
+        demos = tfds_builder.build("demos", {"train": world / config.data.demos_file}, cache, config.data.skip_bad)
+        bias = _mean_demo_reward(model, best, demos["train"], fmt, config.eval_batch_size, mesh, rules)
+        if jax.process_index() == 0:
+            info = {"bias": bias, "demonstrations": len(demos["train"]), "file": config.data.demos_file}
+            (workdir / reward.BIAS_FILE).write_text(json.dumps(info, indent=1) + "\n")
+
+    # ----------------------------------------------------------------- Finish
+    summary = loop.summary(result, total_steps, accum, params=n_params, bias=bias, truncation=fmt.stats.as_dict())
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _ranking(record: dict) -> list:
+    return tfds_builder.decode(record, "comparisons")["ranking"]
+
+
+def _from_policy(policy_workdir: str, rm_params: Any, cfg: ModelConfig, mesh, rules) -> Any:
+    """The RM's params with everything but the scalar head taken from a policy (LM-head) checkpoint."""
+    policy = Transformer(dataclasses.replace(cfg, head="lm"))
+    loaded = checkpoint.load_params(policy_workdir, *sharding.model_shardings(policy, mesh, rules))
+    missing = set(rm_params) - set(loaded) - {"score_head"}
+    if missing:
+        raise ValueError(f"policy checkpoint {policy_workdir} lacks {sorted(missing)}")
+    return {name: rm_params[name] if name == "score_head" else loaded[name] for name in rm_params}
+
+
+def _add_gold_pair_masks(batches: list[dict], source: Any, k_max: int) -> None:
+    """Attach ``gold_pair_mask [B,K,K]`` (i's gold score above j's) to the validation batches, in place.
+
+    The batches come from ``comparison_batches(shuffle=False, num_epochs=1)``: row r of this process is
+    record ``process_index + r * process_count`` (``pipeline._records``), padding rows after the end.
+    """
+    from instructjax.data import world
+
+    index = jax.process_index()
+    for n, batch in enumerate(batches):
+        rows = batch["tokens"].shape[0]
+        gold = np.zeros((rows, k_max, k_max), np.int32)
+        for r in range(rows):
+            record = index + (n * rows + r) * jax.process_count()
+            if record >= len(source) or not batch["row_valid"][r]:
+                continue
+            row = tfds_builder.decode(source[record], "comparisons")
+            scores = [world.gold_score(row["prompt"], c, True) for c in row["completions"]]
+            for i, si in enumerate(scores):
+                for j, sj in enumerate(scores):
+                    gold[r, i, j] = si > sj
+        batch["gold_pair_mask"] = gold
+
+
+def _mean_demo_reward(model, params, source, fmt, batch_size, mesh, rules) -> float:
+    """Mean raw reward of the demonstrations (prompt ⊕ completion ⊕ EOS, as the RM is trained)."""
+    total = count = 0.0
+
+    @jax.jit
+    def rewards(params, batch):
+        r = reward.sequence_rewards(model, params, batch["tokens"], batch["mask"])
+        return (r * batch["row_valid"]).sum(), batch["row_valid"].sum()
+
+    with sharding.use(mesh, rules):
+        for batch in pipeline.sft_batches(source, fmt, batch_size, 0, shuffle=False, num_epochs=1):
+            s, n = rewards(params, sharding.to_global(batch, mesh, rules))
+            total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)

@@ -1,0 +1,27 @@
+"""Stage 2: the reward model. Rerunning the same command resumes.
+
+    python scripts/make_synthetic_data.py --out=/tmp/world
+    python scripts/train_sft.py --config=configs/sft.py:tiny --workdir=/tmp/run/sft --config.data.world_dir=/tmp/world
+    python scripts/train_rm.py --config=configs/rm.py:tiny --workdir=/tmp/run/rm --config.data.world_dir=/tmp/world \
+        --config.init_from=/tmp/run/sft
+"""
+
+import json
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from instructjax import train_rm
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/rm.py:tiny", "stage config", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "stage directory (checkpoints, metrics, config.json)", required=True)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    print(json.dumps(train_rm.train(_CONFIG.value, _WORKDIR.value), indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)
