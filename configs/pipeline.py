@@ -6,8 +6,8 @@
 Stages (each in its own sub-workdir, skipped when finished, resumed when interrupted): ``world`` (the
 synthetic data), ``base`` (stage 0 pretraining), ``sft`` (the paper's 16-epoch SFT, from the base
 model), ``rm`` (the reward model, from the SFT model), ``ppo_init`` (2 epochs with 10% pretraining mixed
-in, App. C.3, selected by RM score). PPO joins when it lands. Presets: ``default`` (this machine,
-minutes) and ``quick`` (a smoke run for tests and the notebook).
+in, App. C.3, selected by RM score), ``ppo`` and ``ppo_ptx`` (stage 3 from ``ppo_init`` with the RM).
+Presets: ``default`` (this machine, minutes) and ``quick`` (a smoke run for tests and the notebook).
 """
 
 import ml_collections
@@ -16,6 +16,7 @@ from instructjax.configlib import sibling
 
 sft = sibling(__file__, "sft")
 rm = sibling(__file__, "rm")
+ppo = sibling(__file__, "ppo")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -38,6 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rm.batch_size = 16  # 2,000 ranked prompts: 125 steps in the paper's single epoch
     c.ppo_init = sft.get_config("ppo_init")  # PPO's starting point and KL reference
     c.ppo_init.select_by = "score"  # checkpoint selected by mean RM score on validation prompts (§3.5)
+    c.ppo = ppo.get_config("tiny")  # stage 3, γ = 0 (policy_from / rm_from are filled in by the pipeline)
+    c.ppo_ptx = ppo.get_config("tiny_ptx")  # stage 3, PPO-ptx: the paper's InstructGPT
     c.eval = ml_collections.ConfigDict()
     c.eval.prompts = 1000  # test prompts scored with the gold score
     c.eval.max_new_tokens = 16  # longer than any answer: a model that never stops is cut here
@@ -61,6 +64,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
         for stage in (c.base, c.sft, c.rm, c.ppo_init):
             stage.update_from_flattened_dict({"num_steps": 6, "eval_every": 3, "log_every": 3, "batch_size": 8})
+        for stage in (c.ppo, c.ppo_ptx):
+            stage.update_from_flattened_dict(
+                {
+                    "num_iterations": 2,
+                    "batch_size": 16,
+                    "minibatch_size": 8,
+                    "eval_every": 2,
+                    "eval_prompts": 16,
+                    "ptx_ratio": 1,
+                    "data.ptx_len": 32,
+                }
+            )
         c.eval.prompts = 40
         c.eval.select_prompts = 40
         c.eval.batch_size = 40

@@ -146,3 +146,72 @@ def pretrain_nll(stage: Stage, text_file: str | pathlib.Path, seq_len: int = 128
             loss, n = nll(stage.params, sharding.to_global(next(it), stage.mesh, stage.rules))
             total, count = total + float(loss) * float(n), count + float(n)
     return total / count
+
+
+def rm_agreement(
+    rm: Any, policy: Stage, prompts: Sequence[str], samples_per_prompt: int = 8, min_gap: float = 0.2, seed: int = 0
+) -> dict[str, Any]:
+    """How well a reward model orders the policy's *own* samples, which is what PPO needs of it.
+
+    Draws ``samples_per_prompt`` responses per prompt at temperature 1 and, over every pair of one prompt's
+    samples whose gold scores differ by more than ``min_gap``, counts how often the RM (``reward.RewardModel``)
+    prefers the one with the higher gold score. Returns the overall share, the share per task family (the
+    prompt's first word), the number of pairs and the samples' mean gold score. 0.5 is chance.
+    """
+    from instructjax import reward
+    from instructjax.data import world
+
+    repeated = [p for p in prompts for _ in range(samples_per_prompt)]
+    responses = sample_texts(policy, repeated, temperature=1.0, batch_size=512, seed=seed)
+    texts, stopped = zip(*responses, strict=True)
+    scores = reward.score_texts(rm, repeated, texts, stopped, batch_size=512).reshape(len(prompts), -1)
+    gold = np.asarray([world.gold_score(p, t, s) for p, t, s in zip(repeated, texts, stopped, strict=True)])
+    gold = gold.reshape(len(prompts), -1)
+    agree: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        family = agree.setdefault(prompt.split()[0], [0, 0])
+        for a in range(samples_per_prompt):
+            for b in range(samples_per_prompt):
+                if gold[i, a] > gold[i, b] + min_gap:
+                    family[0] += int(scores[i, a] > scores[i, b])
+                    family[1] += 1
+    correct, total = sum(v[0] for v in agree.values()), sum(v[1] for v in agree.values())
+    return {
+        "agreement": correct / max(total, 1),
+        "pairs": total,
+        "by_family": {k: v[0] / max(v[1], 1) for k, v in sorted(agree.items())},
+        "gold_score": float(gold.mean()),
+    }
+
+
+def label_policy_samples(
+    policy: Stage,
+    prompts: Sequence[str],
+    *,
+    k_min: int = 4,
+    k_max: int = 9,
+    labeler_temperature: float | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """Comparison rows as the paper collected them: K samples of the policy per prompt (temperature 1),
+    ranked by a simulated labeler of the synthetic world (``world.simulated_ranking``).
+
+    K is drawn in ``k_min..k_max``; samples that did not stop (no EOS) are dropped, since comparison
+    completions are written with an EOS; a prompt left with fewer than two distinct texts is skipped.
+    """
+    import random
+
+    from instructjax.data import world
+
+    temperature = world.LABELER_TEMPERATURE if labeler_temperature is None else labeler_temperature
+    rng = random.Random(seed)
+    repeated = [p for p in prompts for _ in range(k_max)]
+    responses = sample_texts(policy, repeated, temperature=1.0, batch_size=512, seed=seed)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        texts = [t for t, stopped in responses[i * k_max : (i + 1) * k_max] if stopped][: rng.randint(k_min, k_max)]
+        if len(set(texts)) < 2:
+            continue
+        ranking = world.simulated_ranking(prompt, texts, rng, temperature)
+        rows.append({"prompt": prompt, "completions": texts, "ranking": [g[0] if len(g) == 1 else g for g in ranking]})
+    return rows

@@ -634,14 +634,6 @@ def _tqdm(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
     return tqdm(iterable, total=total, desc=desc, unit="tensor", dynamic_ncols=True)
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: sharding.Rules) -> tuple[Any, Any]:
-    """``(shapes, shardings)`` of ``cfg``'s params on ``mesh``, from shapes only (nothing allocated)."""
-    with sharding.use(mesh, rules):
-        abstract = sharding.abstract_params(Transformer(cfg), np.zeros((1, 1), np.int32))
-        shapes = sharding.strip_boxes(abstract)
-        return shapes, sharding.logical_to_shardings(sharding.logical_axes(abstract), shapes, mesh, rules)
-
-
 def load_hf(
     directory: str | pathlib.Path,
     mesh: Mesh | None = None,
@@ -677,7 +669,7 @@ def load_hf(
         prefix = _prefix(ckpt.weight_map, info.model_type)
         entries = _entries(cfg, info.model_type, prefix, info.vocab_size, info.reward_offset or 0.0)
         _check(ckpt, entries, cfg)
-        shapes, shardings = param_shardings(cfg, mesh, rules)
+        shapes, shardings = sharding.model_shardings(Transformer(cfg), mesh, rules)
         by_path: dict[str, list[_Entry]] = {}
         for e in entries:
             by_path.setdefault(e.path, []).append(e)
@@ -971,7 +963,7 @@ def export_workdir(
     cfg = ModelConfig.from_dict(config["model"])
     mesh = _mesh(mesh_shape or config.get("mesh_shape", (1, -1, 1)))
     rules = sharding.as_rules(config.get("rules", sharding.DEFAULT_RULES))
-    shapes, shardings = param_shardings(cfg, mesh, rules)
+    shapes, shardings = sharding.model_shardings(Transformer(cfg), mesh, rules)
     params = checkpoint.load_params(workdir, shapes, shardings, step=step, best=best)
     if reward_bias is None:
         bias_file = workdir / "reward_bias.json"

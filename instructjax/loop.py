@@ -54,13 +54,15 @@ def run(
     flops_per_token: float = 0.0,
     started_at: float | None = None,
     eval_at_start: bool = False,
+    progress_keys: tuple[str, ...] = ("loss", "tokens_per_s", "mfu"),
 ) -> Result:
     """Run ``step_fn`` to ``total_steps`` (resuming if a checkpoint exists); see the module docstring.
 
     ``state`` is a ``steps.TrainState``-like struct (``step``, ``params``, ``skipped_steps``); ``evaluate(params)``
     returns metrics; ``select = (metric, "min" | "max")`` picks ``workdir/best``; ``started_at``
     (``time.perf_counter()`` when the stage began) counts set-up time into ``wall_seconds``;
-    ``eval_at_start`` also evaluates the initial params (step 0; not a candidate for ``best``).
+    ``eval_at_start`` also evaluates the initial params (step 0; not a candidate for ``best``);
+    ``progress_keys`` are the logged metrics shown on the progress bar.
     """
     wall_start = started_at or time.perf_counter()
     key, direction = select
@@ -120,7 +122,7 @@ def run(
                     if lr_fn is not None:
                         row["lr"] = float(lr_fn(done))
                     writer.write(done, row)
-                    writer.progress(done, loss=row.get("loss", float("nan")), tok_s=row["tokens_per_s"], mfu=row["mfu"])
+                    writer.progress(done, **{k: row[k] for k in progress_keys if k in row})
                     meta["train_seconds"] += elapsed
                     real_since = computed_since = 0.0
                     timer = time.perf_counter()

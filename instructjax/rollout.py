@@ -127,8 +127,10 @@ def score(
     missing_eos_penalty: float | None,
     temperature: float,
     minibatch_size: int,
+    oracle_scores: jax.Array | None = None,
 ) -> Rollout:
-    """Every model's view of the sampled responses (``models``/``params`` keyed policy, ref, value, rm)."""
+    """Every model's view of the sampled responses (``models``/``params`` keyed policy, ref, value, rm).
+    ``oracle_scores`` [B] replaces the RM and its missing-EOS penalty (the gold-reward ablation)."""
     tokens = jnp.concatenate([prompt, response], axis=1)
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
     p = prompt.shape[1]
@@ -146,11 +148,13 @@ def score(
     logprobs, entropy = logprobs_of("policy")
     ref_logprobs, _ = logprobs_of("ref")
     values = response_values(models["value"], params["value"], tokens, mask, p)
-    raw = reward.sequence_rewards(models["rm"], params["rm"], tokens, mask)
     stopped = ((response == eos_id) & (response_mask > 0)).any(axis=1)
-    scores = raw - rm_bias
-    if missing_eos_penalty is not None:
-        scores = jnp.where(stopped, scores, missing_eos_penalty)
+    if oracle_scores is not None:  # the gold score already prices a missing EOS: no penalty on top
+        scores = oracle_scores
+    else:
+        scores = reward.sequence_rewards(models["rm"], params["rm"], tokens, mask) - rm_bias
+        if missing_eos_penalty is not None:
+            scores = jnp.where(stopped, scores, missing_eos_penalty)
     m = response_mask.astype(jnp.float32)
     return Rollout(
         prompt=prompt,

@@ -22,15 +22,23 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 
-from instructjax import evaluate, metrics, reward, sharding, train_rm, train_sft
+from instructjax import evaluate, metrics, reward, sharding, train_ppo, train_rm, train_sft
 from instructjax.data import world
 from instructjax.model import ModelConfig
 from instructjax.tokenizer import load_tokenizer
 
-# (stage, the stage whose params it starts from)
-STAGES = (("base", None), ("sft", "base"), ("rm", "sft"), ("ppo_init", "base"))
-POLICIES = ("base", "sft", "ppo_init")  # the models evaluated by sampling
+# (stage, the stage whose params it starts from); PPO starts from ppo_init and uses rm
+STAGES = (
+    ("base", None),
+    ("sft", "base"),
+    ("rm", "sft"),
+    ("ppo_init", "base"),
+    ("ppo", "ppo_init"),
+    ("ppo_ptx", "ppo_init"),
+)
+POLICIES = ("base", "sft", "ppo_init", "ppo", "ppo_ptx")  # the models evaluated by sampling
 
 
 def _finished(stage_dir: pathlib.Path) -> dict | None:
@@ -61,9 +69,14 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         summary = _finished(stage_dir)
         if summary is None:
             stage = config[name].copy_and_resolve_references()
+            print(f"[pipeline] {name} -> {stage_dir}")
+            if name in ("ppo", "ppo_ptx"):  # the world, tokenizer and template come from the policy's stage
+                stage.policy_from, stage.rm_from = str(workdir / init_from), str(workdir / "rm")
+                summary = train_ppo.train(stage, stage_dir)
+                seconds[name] = summary["wall_seconds"]
+                continue
             stage.data.world_dir = str(world_dir)
             stage.init_from = str(workdir / init_from) if init_from else ""
-            print(f"[pipeline] {name} -> {stage_dir}")
             if name == "rm":
                 summary = train_rm.train(stage, stage_dir)
             elif stage.select_by == "score":  # the paper's SFT selection: mean RM score on validation prompts
@@ -125,14 +138,30 @@ def _rm_score_fn(config: Any, stage_config: Any, rm_dir: pathlib.Path, world_dir
 
 
 def _plot_curves(workdir: pathlib.Path, names: list[str]) -> None:
+    """``training_curves.png``: loss per supervised stage, scores per PPO iteration; ``ppo_vs_kl.png``: the
+    RM and gold score of PPO's rollouts against their KL to the reference (cf. Gao et al.)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2))
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2))
     for ax, name in zip(axes, names, strict=True):
         rows = metrics.read_metrics(workdir / name)
+        if name in ("ppo", "ppo_ptx"):
+            for key, label in (("rm_score", "RM score (rollouts)"), ("gold_score", "gold score (rollouts)")):
+                points = [(r["step"], r[key]) for r in rows if key in r]
+                if points:
+                    ax.plot(*zip(*points, strict=True), lw=1, label=label)
+            for key, label in (("val_rm_score", "RM score (valid, greedy)"), ("val_gold_score", "gold (valid)")):
+                points = [(r["step"], r[key]) for r in rows if key in r]
+                if points:
+                    ax.plot(*zip(*points, strict=True), "o-", ms=3, label=label)
+            ax.set_xlabel("iteration")
+            ax.set_ylabel("score")
+            ax.set_title(name)
+            ax.legend(fontsize=7)
+            continue
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "tokens_per_s" in r]
         val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
         if train:
@@ -142,10 +171,34 @@ def _plot_curves(workdir: pathlib.Path, names: list[str]) -> None:
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_ylabel("ranking loss (nats/prompt)" if name == "rm" else "loss (nats/token)")
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(workdir / "training_curves.png", dpi=110)
     plt.close(fig)
+
+    ppo_runs = [n for n in names if n in ("ppo", "ppo_ptx")]
+    if not ppo_runs:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for name in ppo_runs:
+        rows = [r for r in metrics.read_metrics(workdir / name) if "rm_score" in r]
+        kl = np.asarray([r["kl"] for r in rows])
+        for ax, key in zip(axes, ("rm_score", "gold_score"), strict=True):
+            if rows and key in rows[0]:
+                ax.plot(_smooth(kl), _smooth(np.asarray([r[key] for r in rows])), label=name, lw=1.2)
+    for ax, label in zip(axes, ("RM score", "gold score"), strict=True):
+        ax.set_xlabel("KL to the reference (nats per response)")
+        ax.set_ylabel(f"{label} of rollouts")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(workdir / "ppo_vs_kl.png", dpi=110)
+    plt.close(fig)
+
+
+def _smooth(x: np.ndarray, window: int = 10) -> np.ndarray:
+    if len(x) < window:
+        return x
+    return np.convolve(x, np.ones(window) / window, mode="valid")
 
 
 def _report(workdir: pathlib.Path, results: dict, models: dict, n_samples: int) -> None:
@@ -177,7 +230,10 @@ def _report(workdir: pathlib.Path, results: dict, models: dict, n_samples: int) 
     ]
     lines += ["## Time (seconds)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in results["seconds"].items()]
-    lines += ["", "## Training curves", "", "![training curves](training_curves.png)", "", "## Samples", ""]
+    lines += ["", "## Training curves", "", "![training curves](training_curves.png)", ""]
+    if (workdir / "ppo_vs_kl.png").exists():
+        lines += ["## PPO: scores against KL", "", "![scores against KL](ppo_vs_kl.png)", ""]
+    lines += ["## Samples", ""]
     names = list(models)
     lines += ["| prompt | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for i in range(min(n_samples, len(models[names[0]]["samples"]))):

@@ -71,14 +71,22 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     wall_start = time.perf_counter()
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1) + "\n")
     if not config.policy_from or not config.rm_from:
         raise ValueError(
             "config.policy_from (the PPO-init SFT workdir) and config.rm_from (the RM workdir) are required"
         )
+    if config.reward not in ("rm", "gold"):
+        raise ValueError(f"config.reward={config.reward!r}: expected 'rm' or 'gold'")
+    if config.nan_policy != "stop":
+        raise ValueError(f"config.nan_policy={config.nan_policy!r}: PPO supports only 'stop'")
     mesh, rules = sharding.make_mesh(config.mesh_shape), sharding.as_rules(config.rules)
     policy_source, rm_source = _stage_config(config.policy_from), _stage_config(config.rm_from)
+    if jax.process_index() == 0:  # self-describing: the policy's model and data settings come along, so
+        # evaluate.load_stage, scripts/sample.py and convert_hf read a PPO workdir like any other stage
+        written = json.loads(config.to_json_best_effort())
+        written["model"] = policy_source.model.to_dict()
+        written["data"] = {**policy_source.data.to_dict(), **written["data"]}
+        (workdir / "config.json").write_text(json.dumps(written, indent=1) + "\n")
     policy_cfg = dataclasses.replace(ModelConfig.from_dict(policy_source.model), dropout_rate=0.0)
     value_cfg = dataclasses.replace(ModelConfig.from_dict(rm_source.model), dropout_rate=0.0)
     if policy_cfg.head != "lm" or value_cfg.head != "scalar":
@@ -112,6 +120,8 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     eval_prompts = [json.loads(line)["prompt"] for line in (world / data.eval_prompts_file).read_text().splitlines()]
     eval_prompts = eval_prompts[: config.eval_prompts]
     gold_score = _gold_scorer(world)
+    if config.reward == "gold" and gold_score is None:
+        raise ValueError(f"config.reward='gold' needs the synthetic world's gold score; {world} has no world.json")
     minibatches = config.batch_size // config.minibatch_size
     total_steps = config.num_iterations or math.ceil(config.total_episodes / config.batch_size)
     total_updates = total_steps * config.ppo_epochs * minibatches
@@ -157,7 +167,7 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     models = {"policy": policy_model, "ref": ref_model, "value": value_model, "rm": rm_model}
 
     @jax.jit
-    def score(policy_params, value_params, frozen, batch, gen, kl_coef):
+    def score(policy_params, value_params, frozen, batch, gen, kl_coef, oracle_scores):
         out = rollout.score(
             models,
             {"policy": policy_params, "value": value_params, **frozen},
@@ -170,6 +180,7 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
             missing_eos_penalty=config.missing_eos_penalty if config.use_missing_eos_penalty else None,
             temperature=config.temperature,
             minibatch_size=config.minibatch_size,
+            oracle_scores=oracle_scores,
         )
         return rollout.finish(out, kl_coef, config.gamma, config.lam, config.whiten_rewards)
 
@@ -220,6 +231,9 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     new_kl_coef = jax.jit(lambda coef, kl: _kl_controller(config.kl, coef, kl, config.batch_size))
 
     # ----------------------------------------------------------------- One iteration
+    time_split = {"generate": 0.0, "score": 0.0, "update": 0.0}  # seconds, summed over iterations
+    timed = {"iterations": 0}
+
     def iteration(state: PPOState) -> tuple[PPOState, dict]:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         gen_rng, perm_rng = jax.random.split(rng)
@@ -232,8 +246,12 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         )  # fmt: skip
         jax.block_until_ready(gen)
         t1 = time.perf_counter()
-        ro = score(state.params, state.value_params, frozen, batch, gen, state.kl_coef)
-        stats = _rollout_stats(ro, gold_score, tokenizer, template)
+        golds = None if gold_score is None else _gold_scores(batch, gen, gold_score, tokenizer)
+        oracle = None
+        if config.reward == "gold":  # the ablation: optimise the gold score itself instead of the RM
+            oracle = sharding.to_global(np.asarray(golds, np.float32), mesh, rules)
+        ro = score(state.params, state.value_params, frozen, batch, gen, state.kl_coef, oracle)
+        stats = _rollout_stats(ro, golds)
         t2 = time.perf_counter()
         updates = []
         for epoch in range(config.ppo_epochs):
@@ -251,6 +269,10 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         out["finite"] = all(bool(u["finite"]) for u in updates)
         out.update(stats, kl_coef=float(state.kl_coef), loss=out["pg_loss"])
         out.update(time_generate=t1 - t0, time_score=t2 - t1, time_update=t3 - t2)
+        if timed["iterations"]:  # this process's first iteration compiles: not part of the time split
+            for key in time_split:
+                time_split[key] += out[f"time_{key}"]
+        timed["iterations"] += 1
         tokens = config.batch_size * (batch["prompt"].shape[1] + config.max_new_tokens)
         out["real_tokens"] = stats["response_length"] * config.batch_size
         out["computed_tokens"] = tokens
@@ -288,10 +310,14 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
             flops_per_token=0.0,
             started_at=wall_start,
             eval_at_start=True,
+            progress_keys=("rm_score", "gold_score", "kl", "ptx_loss"),
         )
 
     # ----------------------------------------------------------------- Finish
-    summary = loop.summary(result, total_steps, params=n_params, truncation=fmt.stats.as_dict())
+    total = max(sum(time_split.values()), 1e-9)
+    split = {k: round(v / total, 3) for k, v in time_split.items()}
+    print(f"[ppo] time split (after compilation): {split}")
+    summary = loop.summary(result, total_steps, params=n_params, time_split=split, truncation=fmt.stats.as_dict())
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
@@ -323,7 +349,17 @@ def _gold_scorer(world: pathlib.Path):
     return world_module.gold_score
 
 
-def _rollout_stats(ro: rollout.Rollout, gold_score, tokenizer, template: str) -> dict[str, float]:
+def _gold_scores(batch: dict, gen: Any, gold_score, tokenizer) -> list[float]:
+    """The world's gold score of each sampled response; the prompt is decoded from its tokens (the world's
+    template is ``{prompt}``, so that is the prompt text)."""
+    golds = []
+    for p, r in zip(np.asarray(batch["prompt"]), np.asarray(gen.tokens), strict=True):
+        text, stopped = tokenizer.decode_response(r.tolist())
+        golds.append(gold_score(tokenizer.decode(p.tolist()), text, stopped))
+    return golds
+
+
+def _rollout_stats(ro: rollout.Rollout, golds: list[float] | None) -> dict[str, float]:
     """Per-iteration rollout metrics (host floats)."""
     mask = np.asarray(ro.response_mask, np.float32)
     logratio = np.asarray(ro.logprobs) - np.asarray(ro.ref_logprobs)
@@ -336,11 +372,6 @@ def _rollout_stats(ro: rollout.Rollout, gold_score, tokenizer, template: str) ->
         "stop_rate": float(np.mean(ro.stopped)),
         "explained_variance": float(1.0 - np.var(returns - values) / max(np.var(returns), 1e-8)),
     }
-    if gold_score is not None:
-        prompts, responses = np.asarray(ro.prompt), np.asarray(ro.response)
-        golds = []
-        for p, r in zip(prompts, responses, strict=True):
-            text, stopped = tokenizer.decode_response(r.tolist())
-            golds.append(gold_score(tokenizer.decode(p.tolist()), text, stopped))
+    if golds is not None:
         stats["gold_score"] = float(np.mean(golds))
     return stats

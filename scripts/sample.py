@@ -5,7 +5,7 @@
     python scripts/sample.py --workdir=/tmp/run/sft --prompt="reverse cat dog =>" --temperature=1.0 --top_p=0.9
 
 A prompts file is jsonl with a "prompt" field per line, or plain text with one prompt per line.
-(Hugging Face checkpoints will load here once the HF import lands.)
+A Hugging Face checkpoint converted with ``scripts/convert_hf.py --to=instructjax`` is a workdir too.
 """
 
 import json

@@ -76,3 +76,29 @@ def rm_dir(small_world, sft_dir, tmp_path_factory):
     config.update_from_flattened_dict({"num_steps": 6, "eval_every": 6, "checkpoint_every": 6, "batch_size": 8})
     train_rm.train(config, workdir)
     return workdir
+
+
+def kill_after_checkpoint(script: str, args: list[str], workdir: pathlib.Path, step: int) -> int:
+    """Run ``script`` (Python source; ``tests/`` on its path) in a child process, SIGKILL it once ``workdir``
+    holds a checkpoint at or past ``step``, and return the last checkpointed step (a crash mid-training)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from instructjax import checkpoint
+
+    path = workdir.parent / f"{workdir.name}_run.py"
+    path.write_text(script)
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parent)}
+    child = subprocess.Popen(
+        [sys.executable, str(path), *map(str, args)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    while (checkpoint.final_step(workdir) or 0) < step and time.time() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    killed_at = checkpoint.final_step(workdir)
+    assert killed_at is not None, f"no checkpoint in {workdir} before the kill"
+    return killed_at

@@ -319,7 +319,7 @@ def test_workdir_import_export_and_script(tmp_path):
     assert config["model"]["vocab_size"] == 126 and config["hf"]["vocab_size"] == 125
     stage = evaluate.load_stage(work)  # what sample.py and the evaluation use
     assert stage.tokenizer.eos_id == 1 and stage.model_cfg.vocab_size == 126
-    shapes, shardings = hf.param_shardings(stage.model_cfg, stage.mesh, stage.rules)
+    shapes, shardings = sharding.model_shardings(Transformer(stage.model_cfg), stage.mesh, stage.rules)
     assert_same_params(checkpoint.load_params(work, shapes, shardings), stage.params)
     exp = expected("llama")
     assert max_diff(forward(hf.HFModel(stage.model_cfg, stage.params, None), exp["tokens"]), exp["logits"]) <= TOL

@@ -1,17 +1,12 @@
 """PPO: reward shaping, GAE, losses against NumPy; the first ratio; sharding; exact resume; PPO-ptx."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import kill_after_checkpoint, load_config
 
 from instructjax import checkpoint, losses, rollout, train_ppo
 from instructjax.metrics import read_metrics
@@ -31,6 +26,8 @@ def ppo_config(policy_from, rm_from, **overrides):
             "eval_batch_size": 16,
             "max_new_tokens": 8,
             "optim.warmup_steps": 2,
+            "ptx_ratio": 1,  # PPO-ptx with as many pretraining rows as episodes: the same code, faster tests
+            "data.ptx_len": 32,
             **overrides,
         }
     )
@@ -148,6 +145,12 @@ def test_first_update_ratio_is_exactly_one(sft_dir, rm_dir, tmp_path):
     assert row["kl"] == 0.0  # the policy starts as the reference
 
 
+def test_gold_reward_ablation_optimises_the_gold_score(sft_dir, rm_dir, tmp_path):
+    train_ppo.train(ppo_config(sft_dir, rm_dir, num_iterations=2, reward="gold"), tmp_path)
+    rows = iteration_rows(tmp_path)
+    assert [r["rm_score"] for r in rows] == pytest.approx([r["gold_score"] for r in rows], abs=1e-6)
+
+
 def test_ppo_and_ptx_run_and_log_every_metric(sft_dir, rm_dir, tmp_path):
     summary = train_ppo.train(ppo_config(sft_dir, rm_dir, preset="tiny_ptx", eval_every=2), tmp_path)
     assert summary["status"] == "done" and summary["step"] == 4
@@ -160,6 +163,9 @@ def test_ppo_and_ptx_run_and_log_every_metric(sft_dir, rm_dir, tmp_path):
     assert rows[-1]["ptx_loss"] > 0 and rows[-1]["kl_coef"] == pytest.approx(0.02)
     evals = [r for r in read_metrics(tmp_path) if "val_rm_score" in r]
     assert [r["step"] for r in evals] == [0, 2, 4] and all("val_gold_score" in r for r in evals)
+    from instructjax import evaluate
+
+    assert evaluate.load_stage(tmp_path).model_cfg.head == "lm"  # a PPO workdir is a normal stage workdir
 
 
 def test_two_iterations_on_fsdp4_tensor2_match_one_device(sft_dir, rm_dir, tmp_path, monkeypatch):
@@ -185,26 +191,16 @@ KILL_SCRIPT = """
 import sys
 from test_ppo import ppo_config
 from instructjax import train_ppo
-train_ppo.train(ppo_config(sys.argv[1], sys.argv[2], preset="tiny_ptx", num_iterations=30), sys.argv[3])
+train_ppo.train(ppo_config(sys.argv[1], sys.argv[2], preset="tiny_ptx", num_iterations=20), sys.argv[3])
 """
 
 
 def test_sigkill_then_rerun_is_bit_identical(sft_dir, rm_dir, tmp_path):
-    config = ppo_config(sft_dir, rm_dir, preset="tiny_ptx", num_iterations=30)
+    config = ppo_config(sft_dir, rm_dir, preset="tiny_ptx", num_iterations=20)
     train_ppo.train(config, tmp_path / "straight")
-    script = tmp_path / "run.py"
-    script.write_text(KILL_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
-    args = [sys.executable, str(script), str(sft_dir), str(rm_dir), str(tmp_path / "killed")]
-    child = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while (checkpoint.final_step(tmp_path / "killed") or 0) < 6 and time.time() < deadline:
-        time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    killed_at = checkpoint.final_step(tmp_path / "killed")
-    assert killed_at is not None and killed_at < 30, killed_at
-    assert train_ppo.train(config, tmp_path / "killed")["step"] == 30
+    killed_at = kill_after_checkpoint(KILL_SCRIPT, [sft_dir, rm_dir, tmp_path / "killed"], tmp_path / "killed", 6)
+    assert killed_at is not None and killed_at < 20, killed_at
+    assert train_ppo.train(config, tmp_path / "killed")["step"] == 20
     straight, killed = (_final_state(config, tmp_path / d) for d in ("straight", "killed"))
     for a, b in zip(jax.tree.leaves(killed), jax.tree.leaves(straight), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

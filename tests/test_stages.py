@@ -7,13 +7,13 @@ import sys
 
 from conftest import REPO, load_config
 
-from instructjax import stages, train_rm, train_sft
+from instructjax import stages, train_ppo, train_rm, train_sft
 
 
 def test_quick_pipeline_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
     config = load_config("configs/pipeline.py", "quick")
     results = stages.run(config, tmp_path)
-    assert set(results["models"]) == {"base", "sft", "ppo_init"}
+    assert set(results["models"]) == {"base", "sft", "ppo_init", "ppo", "ppo_ptx"}
     for name, r in results["models"].items():
         assert 0.0 <= r["gold_score"] <= 1.0 and r["pretrain_nll"] > 0, name
         assert json.loads((tmp_path / name / "summary.json").read_text())["status"] == "done"
@@ -21,6 +21,7 @@ def test_quick_pipeline_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
     report = (tmp_path / "report.md").read_text()
     assert "| sft |" in report and "training_curves.png" in report
     assert (tmp_path / "training_curves.png").stat().st_size > 10_000
+    assert (tmp_path / "ppo_vs_kl.png").exists() and "ppo_vs_kl.png" in report
     assert 0.0 <= results["rm"]["val_accuracy"] <= 1.0 and "Reward model" in report
     ppo_init = json.loads((tmp_path / "ppo_init" / "summary.json").read_text())
     assert "score" in ppo_init["final"]  # checkpoints selected by the RM score (§3.5)
@@ -30,6 +31,7 @@ def test_quick_pipeline_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_sft, "train", no_training)
     monkeypatch.setattr(train_rm, "train", no_training)
+    monkeypatch.setattr(train_ppo, "train", no_training)
     again = stages.run(config, tmp_path)
     assert again["models"] == results["models"]  # same params, greedy decoding: the same evaluation
 

@@ -1,19 +1,14 @@
 """Reward-model stage: init from SFT, K-way batches, metrics, bias normalisation, resume, sharding."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import kill_after_checkpoint, load_config
 
-from instructjax import checkpoint, reward, train_rm
+from instructjax import reward, train_rm
 from instructjax.data import formats, world
 from instructjax.metrics import read_metrics
 
@@ -148,17 +143,7 @@ train_rm.train(rm_config(sys.argv[1], sys.argv[2], num_steps=40, eval_every=1000
 def test_sigkill_then_rerun_is_bit_identical(small_world, sft_dir, tmp_path):
     config = rm_config(small_world, sft_dir, num_steps=40, eval_every=1000)
     train_rm.train(config, tmp_path / "straight")
-    script = tmp_path / "run.py"
-    script.write_text(KILL_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
-    args = [sys.executable, str(script), str(small_world), str(sft_dir), str(tmp_path / "killed")]
-    child = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while (checkpoint.final_step(tmp_path / "killed") or 0) < 8 and time.time() < deadline:
-        time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    killed_at = checkpoint.final_step(tmp_path / "killed")
+    killed_at = kill_after_checkpoint(KILL_SCRIPT, [small_world, sft_dir, tmp_path / "killed"], tmp_path / "killed", 8)
     assert killed_at is not None and killed_at < 40, killed_at
     assert train_rm.train(config, tmp_path / "killed")["step"] == 40
     for a, b in zip(
@@ -194,3 +179,28 @@ def test_bad_rm_config_errors(small_world, tmp_path):
         train_rm.train(rm_config(small_world, tmp_path / "nowhere"), tmp_path / "b")
     with pytest.raises(FileNotFoundError, match="reward_bias.json is missing"):
         reward.load_reward_model(tmp_path / "b")
+
+
+def test_policy_samples_labeled_and_rm_agreement(sft_dir, rm_dir, small_world, monkeypatch):
+    """Labeling and agreement on controlled "samples" (the briefly trained test policy never stops): the
+    correct answer, a wrong one, and one that does not stop, per prompt."""
+    from instructjax import evaluate
+
+    def fake_samples(stage, prompts, **kwargs):
+        options = lambda p: [(" ".join(world.solve(p)), True), ("7", True), ("7 7", False)]  # noqa: E731
+        return [options(p)[i % 3] for i, p in enumerate(prompts)]
+
+    monkeypatch.setattr(evaluate, "sample_texts", fake_samples)
+    policy = evaluate.load_stage(sft_dir)
+    rows, _ = formats.read_jsonl(small_world / "prompts_valid.jsonl", "prompts")
+    prompts = [r["prompt"] for r in rows[:8]]
+    labeled = evaluate.label_policy_samples(policy, prompts, labeler_temperature=0.0, seed=1)
+    assert labeled and all(formats.validate_row(r, "comparisons") == r for r in labeled)
+    for r in labeled:
+        assert "7 7" not in r["completions"]  # samples without EOS are dropped
+        gold = [world.gold_score(r["prompt"], c, True) for c in r["completions"]]
+        best = r["ranking"][0] if isinstance(r["ranking"][0], list) else [r["ranking"][0]]
+        assert gold[best[0]] == max(gold)  # a noise-free labeler puts the highest gold score first
+    result = evaluate.rm_agreement(reward.load_reward_model(rm_dir), policy, prompts, samples_per_prompt=3)
+    assert result["pairs"] > 0 and 0.0 <= result["agreement"] <= 1.0
+    assert set(result["by_family"]) <= {p.split()[0] for p in prompts}

@@ -7,7 +7,7 @@ import signal
 import jax
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import kill_after_checkpoint, load_config
 
 from instructjax import checkpoint, steps, train_sft
 from instructjax.metrics import read_metrics
@@ -166,7 +166,7 @@ def test_five_steps_on_fsdp4_tensor2_match_one_device(small_world, tmp_path, mon
 
 KILL_SCRIPT = """
 import sys
-from conftest import load_config
+from conftest import kill_after_checkpoint, load_config
 from instructjax import train_sft
 config = load_config("configs/sft.py", "tiny")
 config.data.world_dir = sys.argv[1]
@@ -176,27 +176,9 @@ train_sft.train(config, sys.argv[2])
 
 
 def test_sigkill_then_rerun_is_bit_identical(small_world, tmp_path):
-    import subprocess
-    import sys
-    import time
-
     config = sft_config(small_world, num_steps=60, checkpoint_every=4, eval_every=1000)
     train_sft.train(config, tmp_path / "straight")
-    script = tmp_path / "run.py"
-    script.write_text(KILL_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(os.path.dirname(__file__))}
-    child = subprocess.Popen(
-        [sys.executable, str(script), str(small_world), str(tmp_path / "killed")],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 240
-    while (checkpoint.final_step(tmp_path / "killed") or 0) < 8 and time.time() < deadline:
-        time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    killed_at = checkpoint.final_step(tmp_path / "killed")
+    killed_at = kill_after_checkpoint(KILL_SCRIPT, [small_world, tmp_path / "killed"], tmp_path / "killed", 8)
     assert killed_at is not None and killed_at < 60, killed_at  # it really died mid-training
     assert train_sft.train(config, tmp_path / "killed")["step"] == 60
     for a, b in zip(
