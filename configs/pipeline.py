@@ -47,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.batch_size = 200
     c.eval.samples_in_report = 12
     c.eval.select_prompts = 200  # validation prompts behind the RM-score checkpoint selection
+    c.eval.kl_prompts = 200  # test prompts whose samples estimate each model's KL to the SFT model
 
     if preset == "quick":
         c.world.update(
@@ -78,6 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             )
         c.eval.prompts = 40
         c.eval.select_prompts = 40
+        c.eval.kl_prompts = 40
         c.eval.batch_size = 40
     elif preset != "default":
         raise ValueError(f"unknown pipeline preset {preset!r}: default, quick")

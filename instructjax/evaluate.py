@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 from collections.abc import Sequence
@@ -215,3 +216,62 @@ def label_policy_samples(
         ranking = world.simulated_ranking(prompt, texts, rng, temperature)
         rows.append({"prompt": prompt, "completions": texts, "ranking": [g[0] if len(g) == 1 else g for g in ranking]})
     return rows
+
+
+def win_rate(scores: Sequence[float], baseline: Sequence[float]) -> float:
+    """Share of prompts where ``scores`` beats ``baseline``, ties counting half (the paper's win rate)."""
+    a, b = np.asarray(scores, np.float64), np.asarray(baseline, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"win_rate needs paired scores, got shapes {a.shape} and {b.shape}")
+    return float(np.mean((a > b) + 0.5 * (a == b)))
+
+
+def kl_to_reference(
+    stage: Stage,
+    reference: Stage,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 16,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> float:
+    """KL(π ‖ π_ref) per response, estimated on π's own samples at temperature 1:
+
+        KL ≈ mean over prompts x, y ~ π(·|x) of Σ_t [log π(y_t | x, y_<t) - log π_ref(y_t | x, y_<t)]
+
+    (the quantity PPO's β penalises). Both log-probs come from one full forward each; the two stages
+    must share a tokenizer and a mesh.
+    """
+    template = stage.config.data.get("prompt_template", "{prompt}")
+    tok = stage.tokenizer
+    divisor = sharding.batch_divisor(stage.mesh, stage.rules)
+    batch_size = divisor * -(-batch_size // divisor)
+    total, rng = 0.0, jax.random.key(seed)
+    with sharding.use(stage.mesh, stage.rules):
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            ids = [tok.encode(template.format(prompt=p)) for p in chunk]
+            ids += [ids[-1]] * (batch_size - len(ids))
+            prompt, prompt_mask = sharding.to_global(sampling.pad_prompts(ids, tok.pad_id), stage.mesh, stage.rules)
+            gen = sampling.generate(
+                stage.params, stage.model_cfg, prompt, prompt_mask, jax.random.fold_in(rng, start),
+                max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=1.0,
+            )  # fmt: skip
+            per_row = _sequence_kl(
+                stage.params, reference.params, prompt, prompt_mask, gen.tokens, gen.mask,
+                cfg=stage.model_cfg, ref_cfg=reference.model_cfg,
+            )  # fmt: skip
+            total += float(np.asarray(per_row)[: len(chunk)].sum())
+    return total / max(len(prompts), 1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "ref_cfg"))
+def _sequence_kl(params, ref_params, prompt, prompt_mask, response, response_mask, cfg, ref_cfg):
+    from instructjax import rollout
+
+    tokens = jax.numpy.concatenate([prompt, response], axis=1)
+    mask = jax.numpy.concatenate([prompt_mask, response_mask], axis=1)
+    p = prompt.shape[1]
+    logp, _ = rollout.response_logprobs(Transformer(cfg), params, tokens, mask, p, 1.0)
+    ref_logp, _ = rollout.response_logprobs(Transformer(ref_cfg), ref_params, tokens, mask, p, 1.0)
+    return ((logp - ref_logp) * response_mask).sum(axis=1)

@@ -93,8 +93,9 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     prompts = prompts[: config.eval.prompts]
     models: dict[str, Any] = {}
     rm = reward.load_reward_model(workdir / "rm")
+    sft = evaluate.load_stage(workdir / "sft")
     for name in POLICIES:
-        stage = evaluate.load_stage(workdir / name)
+        stage = sft if name == "sft" else evaluate.load_stage(workdir / name)
         result = evaluate.gold_eval(
             stage, prompts, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size
         )
@@ -103,13 +104,24 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
             rm, prompts, [r["response"] for r in samples], [r["stopped"] for r in samples], config.eval.batch_size
         )
         result["rm_score"] = float(rm_scores.mean())
+        result["rm_scores"] = rm_scores.tolist()
+        result["kl_to_sft"] = evaluate.kl_to_reference(
+            stage, sft, prompts[: config.eval.kl_prompts], max_new_tokens=config.eval.max_new_tokens,
+            batch_size=config.eval.batch_size,
+        )  # fmt: skip
         result["pretrain_nll"] = evaluate.pretrain_nll(stage, world_dir / "pretrain_heldout.jsonl")
         models[name] = result
+    for result in models.values():  # the paper's comparison: against the SFT model, prompt by prompt
+        gold = [[r["gold"] for r in m["samples"]] for m in (result, models["sft"])]
+        result["gold_win_rate_vs_sft"] = evaluate.win_rate(*gold)
+        result["rm_win_rate_vs_sft"] = evaluate.win_rate(result["rm_scores"], models["sft"]["rm_scores"])
     seconds["evaluation"] = time.perf_counter() - start
     rm_summary = json.loads((workdir / "rm" / "summary.json").read_text())
     world_info = json.loads((world_dir / "world.json").read_text())
     results = {
-        "models": {name: {k: v for k, v in r.items() if k != "samples"} for name, r in models.items()},
+        "models": {
+            name: {k: v for k, v in r.items() if k not in ("samples", "rm_scores")} for name, r in models.items()
+        },
         "rm": {
             "val_accuracy": rm_summary["best_eval"]["val_accuracy"],
             "gold_accuracy": rm_summary["best_eval"]["val_gold_accuracy"],
@@ -204,18 +216,22 @@ def _smooth(x: np.ndarray, window: int = 10) -> np.ndarray:
 def _report(workdir: pathlib.Path, results: dict, models: dict, n_samples: int) -> None:
     lines = ["# instructjax pipeline report", "", f"Devices: {results['devices']}.", ""]
     lines += [
-        "| model | gold score | RM score | stops (EOS) | response words | held-out pretraining NLL |",
-        "|---|---|---|---|---|---|",
+        "| model | gold score | win vs SFT (gold) | win vs SFT (RM) | RM score | KL to SFT | stops (EOS) "
+        "| response words | held-out pretraining NLL |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results["models"].items():
         lines.append(
-            f"| {name} | {r['gold_score']:.3f} | {r['rm_score']:.2f} | {r['stop_rate']:.1%} | "
-            f"{r['response_words']:.1f} | {r['pretrain_nll']:.3f} |"
+            f"| {name} | {r['gold_score']:.3f} | {r['gold_win_rate_vs_sft']:.1%} | {r['rm_win_rate_vs_sft']:.1%} | "
+            f"{r['rm_score']:.2f} | {r['kl_to_sft']:.2f} | {r['stop_rate']:.1%} | {r['response_words']:.1f} | "
+            f"{r['pretrain_nll']:.3f} |"
         )
     lines += [
         "",
         "Gold score: `instructjax/data/world.py` (1 = correct answer and a clean stop). RM score: the reward model's",
-        "score minus its bias (demonstrations average 0). Greedy decoding on the test prompts.",
+        "score minus its bias (demonstrations average 0). Greedy decoding on the test prompts; win rates",
+        "compare each prompt's response with the SFT model's (ties count half). KL to SFT: nats per response,",
+        "on the model's own samples at temperature 1.",
         "",
     ]
     rm = results["rm"]

@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, load_config
 
 from instructjax import stages, train_ppo, train_rm, train_sft
@@ -14,8 +15,11 @@ def test_quick_pipeline_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
     config = load_config("configs/pipeline.py", "quick")
     results = stages.run(config, tmp_path)
     assert set(results["models"]) == {"base", "sft", "ppo_init", "ppo", "ppo_ptx"}
+    sft = results["models"]["sft"]
+    assert sft["gold_win_rate_vs_sft"] == sft["rm_win_rate_vs_sft"] == 0.5 and sft["kl_to_sft"] == 0.0
     for name, r in results["models"].items():
         assert 0.0 <= r["gold_score"] <= 1.0 and r["pretrain_nll"] > 0, name
+        assert 0.0 <= r["gold_win_rate_vs_sft"] <= 1.0 and 0.0 <= r["rm_win_rate_vs_sft"] <= 1.0, name
         assert json.loads((tmp_path / name / "summary.json").read_text())["status"] == "done"
     assert json.loads((tmp_path / "results.json").read_text())["models"] == results["models"]
     report = (tmp_path / "report.md").read_text()
@@ -49,3 +53,12 @@ def test_quick_pipeline_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
         cwd=pathlib.Path(tmp_path),
     )
     assert sample.stdout.count("->") == 2 and "sort 5 2 9 =>" in sample.stdout
+
+
+def test_win_rate_counts_ties_half():
+    from instructjax import evaluate
+
+    assert evaluate.win_rate([1.0, 1.0, 0.0], [0.0, 0.0, 0.0]) == pytest.approx(2.5 / 3)
+    assert evaluate.win_rate([0.2, 0.9], [0.5, 0.9]) == 0.25
+    with pytest.raises(ValueError, match="paired scores"):
+        evaluate.win_rate([1.0], [1.0, 2.0])
