@@ -275,3 +275,51 @@ def _sequence_kl(params, ref_params, prompt, prompt_mask, response, response_mas
     logp, _ = rollout.response_logprobs(Transformer(cfg), params, tokens, mask, p, 1.0)
     ref_logp, _ = rollout.response_logprobs(Transformer(ref_cfg), ref_params, tokens, mask, p, 1.0)
     return ((logp - ref_logp) * response_mask).sum(axis=1)
+
+
+def compare_models(
+    workdirs: dict[str, str | pathlib.Path],
+    *,
+    baseline: str,
+    rm: Any,
+    prompts: Sequence[str],
+    pretrain_file: str | pathlib.Path,
+    kl_prompts: int = 200,
+    max_new_tokens: int = 16,
+    batch_size: int = 64,
+) -> dict[str, dict[str, Any]]:
+    """The paper's comparison of policies (any stage workdirs, imported ones included), each against
+    ``baseline`` (one of ``workdirs``' names), on ``prompts`` with greedy decoding:
+
+    ``gold_score``, ``stop_rate``, ``response_words`` (``gold_eval``), ``rm_score`` (``rm``, a
+    ``reward.RewardModel``), ``gold_win_rate_vs_<baseline>`` and ``rm_win_rate_vs_<baseline>`` (prompt by
+    prompt, ties half), ``kl_to_<baseline>`` (on each model's own samples, first ``kl_prompts`` prompts),
+    ``pretrain_nll`` on ``pretrain_file``, and ``samples`` (per prompt: response, stop, gold, RM score).
+    """
+    from instructjax import reward
+
+    if baseline not in workdirs:
+        raise ValueError(f"baseline {baseline!r} is not one of the models {sorted(workdirs)}")
+    reference = load_stage(workdirs[baseline])
+    models: dict[str, dict[str, Any]] = {}
+    for name, workdir in workdirs.items():
+        stage = reference if name == baseline else load_stage(workdir)
+        result = gold_eval(stage, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        samples = result["samples"]
+        scores = reward.score_texts(
+            rm, prompts, [r["response"] for r in samples], [r["stopped"] for r in samples], batch_size
+        )
+        for row, score in zip(samples, scores, strict=True):
+            row["rm"] = float(score)
+        result["rm_score"] = float(scores.mean())
+        result[f"kl_to_{baseline}"] = kl_to_reference(
+            stage, reference, prompts[:kl_prompts], max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+        result["pretrain_nll"] = pretrain_nll(stage, pretrain_file)
+        models[name] = result
+    base_samples = models[baseline]["samples"]
+    for result in models.values():
+        for key in ("gold", "rm"):
+            mine, theirs = [r[key] for r in result["samples"]], [r[key] for r in base_samples]
+            result[f"{key}_win_rate_vs_{baseline}"] = win_rate(mine, theirs)
+    return models

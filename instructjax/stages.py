@@ -91,37 +91,21 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     start = time.perf_counter()
     prompts = [json.loads(line)["prompt"] for line in (world_dir / "prompts_test.jsonl").read_text().splitlines()]
     prompts = prompts[: config.eval.prompts]
-    models: dict[str, Any] = {}
-    rm = reward.load_reward_model(workdir / "rm")
-    sft = evaluate.load_stage(workdir / "sft")
-    for name in POLICIES:
-        stage = sft if name == "sft" else evaluate.load_stage(workdir / name)
-        result = evaluate.gold_eval(
-            stage, prompts, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size
-        )
-        samples = result["samples"]
-        rm_scores = reward.score_texts(
-            rm, prompts, [r["response"] for r in samples], [r["stopped"] for r in samples], config.eval.batch_size
-        )
-        result["rm_score"] = float(rm_scores.mean())
-        result["rm_scores"] = rm_scores.tolist()
-        result["kl_to_sft"] = evaluate.kl_to_reference(
-            stage, sft, prompts[: config.eval.kl_prompts], max_new_tokens=config.eval.max_new_tokens,
-            batch_size=config.eval.batch_size,
-        )  # fmt: skip
-        result["pretrain_nll"] = evaluate.pretrain_nll(stage, world_dir / "pretrain_heldout.jsonl")
-        models[name] = result
-    for result in models.values():  # the paper's comparison: against the SFT model, prompt by prompt
-        gold = [[r["gold"] for r in m["samples"]] for m in (result, models["sft"])]
-        result["gold_win_rate_vs_sft"] = evaluate.win_rate(*gold)
-        result["rm_win_rate_vs_sft"] = evaluate.win_rate(result["rm_scores"], models["sft"]["rm_scores"])
+    models = evaluate.compare_models(
+        {name: workdir / name for name in POLICIES},
+        baseline="sft",
+        rm=reward.load_reward_model(workdir / "rm"),
+        prompts=prompts,
+        pretrain_file=world_dir / "pretrain_heldout.jsonl",
+        kl_prompts=config.eval.kl_prompts,
+        max_new_tokens=config.eval.max_new_tokens,
+        batch_size=config.eval.batch_size,
+    )
     seconds["evaluation"] = time.perf_counter() - start
     rm_summary = json.loads((workdir / "rm" / "summary.json").read_text())
     world_info = json.loads((world_dir / "world.json").read_text())
     results = {
-        "models": {
-            name: {k: v for k, v in r.items() if k not in ("samples", "rm_scores")} for name, r in models.items()
-        },
+        "models": {name: {k: v for k, v in r.items() if k != "samples"} for name, r in models.items()},
         "rm": {
             "val_accuracy": rm_summary["best_eval"]["val_accuracy"],
             "gold_accuracy": rm_summary["best_eval"]["val_gold_accuracy"],
