@@ -35,10 +35,18 @@ class Stage:
     rules: sharding.Rules
 
 
+def stage_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The ``config.json`` a stage wrote into its workdir (an error naming the file if there is none)."""
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: is {workdir} a finished stage's workdir?")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
 def load_stage(workdir: str | pathlib.Path, best: bool = False, mesh_shape: Sequence[int] | None = None) -> Stage:
     """The model, params (latest checkpoint, or the best evaluation with ``best``) and tokenizer of a stage."""
     workdir = pathlib.Path(workdir)
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    config = stage_config(workdir)
     cfg = dataclasses.replace(ModelConfig.from_dict(config.model), dropout_rate=0.0)
     mesh = sharding.make_mesh(mesh_shape or config.mesh_shape)
     rules = sharding.as_rules(config.rules)
@@ -76,23 +84,16 @@ def sample_texts(
     Prompts are batched ``batch_size`` at a time (the last batch padded with repeats, which are dropped),
     so every call of one size compiles once per prompt bucket.
     """
-    template = template or stage.config.data.get("prompt_template", "{prompt}")
     tok = stage.tokenizer
-    divisor = sharding.batch_divisor(stage.mesh, stage.rules)
-    batch_size = divisor * -(-batch_size // divisor)
     out: list[tuple[str, bool]] = []
     rng = jax.random.key(seed)
     with sharding.use(stage.mesh, stage.rules):
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start : start + batch_size])
-            ids = [tok.encode(template.format(prompt=p)) for p in chunk]
-            ids += [ids[-1]] * (batch_size - len(ids))
-            tokens, mask = sampling.pad_prompts(ids, tok.pad_id)
-            batch = sharding.to_global((tokens, mask), stage.mesh, stage.rules)
+        for start, n, prompt, prompt_mask in _prompt_batches(stage, prompts, batch_size, template):
             gen = sampling.generate(
                 stage.params,
                 stage.model_cfg,
-                *batch,
+                prompt,
+                prompt_mask,
                 jax.random.fold_in(rng, start),
                 max_new_tokens=max_new_tokens,
                 eos_id=tok.eos_id,
@@ -102,8 +103,22 @@ def sample_texts(
                 top_p=top_p,
             )
             gen_tokens = np.asarray(gen.tokens)
-            out += [tok.decode_response(gen_tokens[i].tolist()) for i in range(len(chunk))]
+            out += [tok.decode_response(gen_tokens[i].tolist()) for i in range(n)]
     return out
+
+
+def _prompt_batches(stage: Stage, prompts: Sequence[str], batch_size: int, template: str | None = None):
+    """``(start, real rows, prompt [B,P], prompt_mask [B,P])`` global batches of the templated, left-padded
+    prompts; B is ``batch_size`` rounded up to the batch shards, the last batch padded with repeats."""
+    template = template or stage.config.data.get("prompt_template", "{prompt}")
+    divisor = sharding.batch_divisor(stage.mesh, stage.rules)
+    batch_size = divisor * -(-batch_size // divisor)
+    for start in range(0, len(prompts), batch_size):
+        ids = [stage.tokenizer.encode(template.format(prompt=p)) for p in prompts[start : start + batch_size]]
+        n = len(ids)
+        ids += [ids[-1]] * (batch_size - n)
+        tokens, mask = sampling.pad_prompts(ids, stage.tokenizer.pad_id)
+        yield (start, n, *sharding.to_global((tokens, mask), stage.mesh, stage.rules))
 
 
 def gold_eval(stage: Stage, prompts: Sequence[str], **sample_kwargs: Any) -> dict[str, Any]:
@@ -242,17 +257,10 @@ def kl_to_reference(
     (the quantity PPO's β penalises). Both log-probs come from one full forward each; the two stages
     must share a tokenizer and a mesh.
     """
-    template = stage.config.data.get("prompt_template", "{prompt}")
     tok = stage.tokenizer
-    divisor = sharding.batch_divisor(stage.mesh, stage.rules)
-    batch_size = divisor * -(-batch_size // divisor)
     total, rng = 0.0, jax.random.key(seed)
     with sharding.use(stage.mesh, stage.rules):
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start : start + batch_size])
-            ids = [tok.encode(template.format(prompt=p)) for p in chunk]
-            ids += [ids[-1]] * (batch_size - len(ids))
-            prompt, prompt_mask = sharding.to_global(sampling.pad_prompts(ids, tok.pad_id), stage.mesh, stage.rules)
+        for start, n, prompt, prompt_mask in _prompt_batches(stage, prompts, batch_size):
             gen = sampling.generate(
                 stage.params, stage.model_cfg, prompt, prompt_mask, jax.random.fold_in(rng, start),
                 max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=1.0,
@@ -261,7 +269,7 @@ def kl_to_reference(
                 stage.params, reference.params, prompt, prompt_mask, gen.tokens, gen.mask,
                 cfg=stage.model_cfg, ref_cfg=reference.model_cfg,
             )  # fmt: skip
-            total += float(np.asarray(per_row)[: len(chunk)].sum())
+            total += float(np.asarray(per_row)[:n].sum())
     return total / max(len(prompts), 1)
 
 

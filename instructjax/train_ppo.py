@@ -35,7 +35,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import struct
@@ -58,13 +57,6 @@ class PPOState:
     skipped_steps: jax.Array  # kept for loop.run; PPO stops on a non-finite update (nan_policy='stop')
 
 
-def _stage_config(workdir: str) -> ml_collections.ConfigDict:
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: is {workdir} a finished stage's workdir?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
 def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Run PPO (γ = ``config.ptx_coef`` = 0) or PPO-ptx; returns the summary (also ``summary.json``)."""
     # ----------------------------------------------------------------- Set-up: workdir, mesh, models
@@ -80,7 +72,7 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     if config.nan_policy != "stop":
         raise ValueError(f"config.nan_policy={config.nan_policy!r}: PPO supports only 'stop'")
     mesh, rules = sharding.make_mesh(config.mesh_shape), sharding.as_rules(config.rules)
-    policy_source, rm_source = _stage_config(config.policy_from), _stage_config(config.rm_from)
+    policy_source, rm_source = evaluate.stage_config(config.policy_from), evaluate.stage_config(config.rm_from)
     if jax.process_index() == 0:  # self-describing: the policy's model and data settings come along, so
         # evaluate.load_stage, scripts/sample.py and convert_hf read a PPO workdir like any other stage
         written = json.loads(config.to_json_best_effort())
@@ -128,6 +120,7 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
 
     # ----------------------------------------------------------------- Sharded state: four parameter sets
     tx_policy = optim.make_optimizer(config.optim, total_updates)
+    policy_lr = optim.lr_schedule(config.optim, total_updates)  # for the log
     tx_value = optim.make_optimizer(config.value_optim, total_updates)
     example = np.zeros((1, 8), np.int32)
 
@@ -306,7 +299,7 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
             total_steps=total_steps,
             select=("val_rm_score", "max"),
             start_info={"params": n_params, "ptx_rows_per_minibatch": ptx_rows, "minibatches": minibatches},
-            lr_fn=lambda it: optim.lr_schedule(config.optim, total_updates)(it * config.ppo_epochs * minibatches),
+            lr_fn=lambda it: policy_lr(it * config.ppo_epochs * minibatches),
             flops_per_token=0.0,
             started_at=wall_start,
             eval_at_start=True,
