@@ -121,18 +121,22 @@ def _prompt_batches(stage: Stage, prompts: Sequence[str], batch_size: int, templ
         yield (start, n, *sharding.to_global((tokens, mask), stage.mesh, stage.rules))
 
 
-def gold_eval(stage: Stage, prompts: Sequence[str], **sample_kwargs: Any) -> dict[str, Any]:
+def gold_eval(stage: Stage, prompts: Sequence[str], gold: bool = True, **sample_kwargs: Any) -> dict[str, Any]:
     """Mean gold score, stop rate and response length on ``prompts`` (greedy unless told otherwise),
-    with every (prompt, response, gold) for the report."""
+    with every (prompt, response, gold) for the report. ``gold=False`` (data that is not the synthetic
+    world, which has no gold score) leaves the gold score out."""
     from instructjax.data import world
 
     responses = sample_texts(stage, prompts, **sample_kwargs)
     rows = [
-        {"prompt": p, "response": text, "stopped": stopped, "gold": world.gold_score(p, text, stopped)}
+        {"prompt": p, "response": text, "stopped": stopped}
         for p, (text, stopped) in zip(prompts, responses, strict=True)
     ]
+    if gold:
+        for row in rows:
+            row["gold"] = world.gold_score(row["prompt"], row["response"], row["stopped"])
     return {
-        "gold_score": float(np.mean([r["gold"] for r in rows])),
+        **({"gold_score": float(np.mean([r["gold"] for r in rows]))} if gold else {}),
         "stop_rate": float(np.mean([r["stopped"] for r in rows])),
         "response_words": float(np.mean([len(r["response"].split()) for r in rows])),
         "samples": rows,
@@ -144,8 +148,9 @@ def pretrain_nll(stage: Stage, text_file: str | pathlib.Path, seq_len: int = 128
     from instructjax import losses
     from instructjax.data import pipeline, tfds_builder
 
-    world = pathlib.Path(stage.config.data.world_dir)
-    cache = stage.config.data.cache_dir or world / "tfds"
+    # the stage's TFDS cache, else one beside the text (an imported model's workdir names no data)
+    cache = stage.config.data.get("cache_dir") or pathlib.Path(text_file).parent / "tfds"
+    seq_len = min(seq_len, stage.model_cfg.max_len)  # rows longer than the model's context would read junk
     source = tfds_builder.build("pretrain", {"heldout": text_file}, cache)["heldout"]
     divisor = sharding.batch_divisor(stage.mesh, stage.rules)
     it = iter(pipeline.pretrain_batches(source, stage.tokenizer, seq_len, 2 * divisor * -(-8 // divisor), seed=0))
@@ -295,6 +300,7 @@ def compare_models(
     kl_prompts: int = 200,
     max_new_tokens: int = 16,
     batch_size: int = 64,
+    gold: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """The paper's comparison of policies (any stage workdirs, imported ones included), each against
     ``baseline`` (one of ``workdirs``' names), on ``prompts`` with greedy decoding:
@@ -303,16 +309,21 @@ def compare_models(
     ``reward.RewardModel``), ``gold_win_rate_vs_<baseline>`` and ``rm_win_rate_vs_<baseline>`` (prompt by
     prompt, ties half), ``kl_to_<baseline>`` (on each model's own samples, first ``kl_prompts`` prompts),
     ``pretrain_nll`` on ``pretrain_file``, and ``samples`` (per prompt: response, stop, gold, RM score).
+    ``gold=False`` for prompts outside the synthetic world: everything but the gold-score entries.
     """
+    from tqdm.auto import tqdm
+
     from instructjax import reward
 
     if baseline not in workdirs:
         raise ValueError(f"baseline {baseline!r} is not one of the models {sorted(workdirs)}")
     reference = load_stage(workdirs[baseline])
     models: dict[str, dict[str, Any]] = {}
-    for name, workdir in workdirs.items():
+    progress = tqdm(workdirs.items(), desc="evaluation", unit="model", disable=jax.process_index() != 0)
+    for name, workdir in progress:
+        progress.set_postfix_str(name)
         stage = reference if name == baseline else load_stage(workdir)
-        result = gold_eval(stage, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        result = gold_eval(stage, prompts, gold, max_new_tokens=max_new_tokens, batch_size=batch_size)
         samples = result["samples"]
         scores = reward.score_texts(
             rm, prompts, [r["response"] for r in samples], [r["stopped"] for r in samples], batch_size
@@ -327,7 +338,7 @@ def compare_models(
         models[name] = result
     base_samples = models[baseline]["samples"]
     for result in models.values():
-        for key in ("gold", "rm"):
+        for key in ("gold", "rm") if gold else ("rm",):
             mine, theirs = [r[key] for r in result["samples"]], [r[key] for r in base_samples]
             result[f"{key}_win_rate_vs_{baseline}"] = win_rate(mine, theirs)
     return models

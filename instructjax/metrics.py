@@ -10,9 +10,11 @@ QKV, output, MLP and unembedding matrices (not the embedding lookup).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -57,6 +59,21 @@ def peak_flops_per_device() -> float:
     return 2 * 1024**3 * 5 / (time.perf_counter() - start)
 
 
+_progress_label: str | None = None
+
+
+@contextlib.contextmanager
+def progress_label(label: str) -> Iterator[None]:
+    """Names the progress bar of every stage run inside, e.g. the pipeline's ``"[3/7] rm"``, so a long job
+    shows which stage it is in next to that stage's progress and ETA."""
+    global _progress_label
+    previous, _progress_label = _progress_label, label
+    try:
+        yield
+    finally:
+        _progress_label = previous
+
+
 class MetricsWriter:
     """Writes one JSON object per logged step to ``workdir/metrics.jsonl`` and the same scalars to
     TensorBoard (``workdir/tb``); drives a tqdm progress bar."""
@@ -76,7 +93,9 @@ class MetricsWriter:
         from tqdm.auto import tqdm
 
         self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
-        self._bar = tqdm(total=total_steps, initial=resume_step, desc=desc, dynamic_ncols=True, mininterval=1.0)
+        self._bar = tqdm(
+            total=total_steps, initial=resume_step, desc=_progress_label or desc, dynamic_ncols=True, mininterval=1.0
+        )
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

@@ -39,6 +39,18 @@ STAGES = (
     ("ppo_ptx", "ppo_init"),
 )
 POLICIES = ("base", "sft", "ppo_init", "ppo", "ppo_ptx")  # the models evaluated by sampling
+# What config.data_dir must hold (formats in docs/data.md), under the synthetic world's file names.
+DATA_FILES = (
+    "pretrain_train",
+    "pretrain_heldout",
+    "demos_train",
+    "demos_valid",
+    "comparisons_train",
+    "comparisons_valid",
+    "prompts_train",
+    "prompts_valid",
+    "prompts_test",
+)
 
 
 def _finished(stage_dir: pathlib.Path) -> dict | None:
@@ -54,61 +66,98 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1) + "\n")
     seconds: dict[str, float] = {}
+    job_start = time.perf_counter()
+    steps = ["world", *(name for name, _ in STAGES), "evaluation"]
 
-    # ------------------------------------------------------------------ the synthetic world
-    world_dir = workdir / "world"
+    def announce(name: str, what: str) -> str:
+        label = f"[{steps.index(name) + 1}/{len(steps)}] {name}"
+        print(f"[pipeline] {label}: {what} (job time so far {_clock(time.perf_counter() - job_start)})", flush=True)
+        return label
+
+    # ------------------------------------------------------------------ data: the synthetic world, or yours
     start = time.perf_counter()
-    if not (world_dir / "world.json").exists():
-        print(f"[pipeline] world -> {world_dir}")
-        world.write_world(world_dir, seed=config.seed, sizes=world.WorldSizes(**config.world.to_dict()))
+    if config.data_dir:
+        world_dir = pathlib.Path(config.data_dir).absolute()
+        missing = [f"{name}.jsonl" for name in DATA_FILES if not (world_dir / f"{name}.jsonl").exists()]
+        if missing:
+            raise FileNotFoundError(f"config.data_dir={world_dir} lacks {', '.join(missing)} (see configs/pipeline.py)")
+        announce("world", f"your data in {world_dir}")
+    else:
+        world_dir = workdir / "world"
+        if not (world_dir / "world.json").exists():
+            announce("world", f"writing {world_dir}")
+            world.write_world(world_dir, seed=config.seed, sizes=world.WorldSizes(**config.world.to_dict()))
     seconds["world"] = time.perf_counter() - start
+    has_gold = (world_dir / "world.json").exists()  # the gold score is the synthetic world's; your data has none
+    stage_dirs = {name: workdir / name for name, _ in STAGES}
+    base_model = None
+    if config.base_from:  # e.g. a Hugging Face model imported with scripts/convert_hf.py
+        stage_dirs["base"] = pathlib.Path(config.base_from).absolute()
+        base_model = evaluate.stage_config(stage_dirs["base"]).model
+    tokenizer = config.tokenizer
+    if not tokenizer and config.base_from and (stage_dirs["base"] / "tokenizer").is_dir():
+        tokenizer = str(stage_dirs["base"] / "tokenizer")  # where convert_hf.py puts the model's tokenizer
 
     # ------------------------------------------------------------------ training stages
     for name, init_from in STAGES:
-        stage_dir = workdir / name
+        stage_dir = stage_dirs[name]
+        if name == "base" and config.base_from:
+            announce(name, f"given: {stage_dir}")
+            seconds[name] = 0.0
+            continue
         summary = _finished(stage_dir)
-        if summary is None:
-            stage = config[name].copy_and_resolve_references()
-            print(f"[pipeline] {name} -> {stage_dir}")
-            if name in ("ppo", "ppo_ptx"):  # the world, tokenizer and template come from the policy's stage
-                stage.policy_from, stage.rm_from = str(workdir / init_from), str(workdir / "rm")
+        if summary is not None:
+            announce(name, f"finished earlier ({summary['wall_seconds']:.0f} s), skipped")
+            seconds[name] = summary["wall_seconds"]
+            continue
+        stage = config[name].copy_and_resolve_references()
+        label = announce(name, f"training from {init_from or 'scratch'} -> {stage_dir}")
+        with metrics.progress_label(label):  # the stage's own bar shows its progress and ETA
+            if name in ("ppo", "ppo_ptx"):  # the data, tokenizer, model and template come from the policy's stage
+                stage.policy_from, stage.rm_from = str(stage_dirs[init_from]), str(stage_dirs["rm"])
                 summary = train_ppo.train(stage, stage_dir)
-                seconds[name] = summary["wall_seconds"]
-                continue
-            stage.data.world_dir = str(world_dir)
-            stage.init_from = str(workdir / init_from) if init_from else ""
-            if name == "rm":
-                summary = train_rm.train(stage, stage_dir)
-            elif stage.select_by == "score":  # the paper's SFT selection: mean RM score on validation prompts
-                summary = train_sft.train(stage, stage_dir, _rm_score_fn(config, stage, workdir / "rm", world_dir))
             else:
-                summary = train_sft.train(stage, stage_dir)
-        else:
-            print(f"[pipeline] {name}: finished earlier, skipped")
+                stage.data.world_dir = str(world_dir)
+                stage.data.tokenizer = tokenizer
+                stage.init_from = str(stage_dirs[init_from]) if init_from else ""
+                if base_model is not None:  # the given base model's architecture; the stage's head and dropout
+                    head, dropout_rate = stage.model.head, stage.model.dropout_rate
+                    stage.model = base_model
+                    stage.model.head, stage.model.dropout_rate = head, dropout_rate
+                if name == "rm":
+                    summary = train_rm.train(stage, stage_dir)
+                elif stage.select_by == "score":  # the paper's SFT selection: mean RM score on validation prompts
+                    score_fn = _rm_score_fn(config, stage, stage_dirs["rm"], world_dir)
+                    summary = train_sft.train(stage, stage_dir, score_fn)
+                else:
+                    summary = train_sft.train(stage, stage_dir)
         seconds[name] = summary["wall_seconds"]
+        announce(name, f"done in {_clock(seconds[name])}")
 
     # ------------------------------------------------------------------ evaluation
+    announce("evaluation", f"{len(POLICIES)} models on {config.eval.prompts} test prompts")
     start = time.perf_counter()
     prompts = [json.loads(line)["prompt"] for line in (world_dir / "prompts_test.jsonl").read_text().splitlines()]
     prompts = prompts[: config.eval.prompts]
     models = evaluate.compare_models(
-        {name: workdir / name for name in POLICIES},
+        {name: stage_dirs[name] for name in POLICIES},
         baseline="sft",
-        rm=reward.load_reward_model(workdir / "rm"),
+        rm=reward.load_reward_model(stage_dirs["rm"]),
         prompts=prompts,
         pretrain_file=world_dir / "pretrain_heldout.jsonl",
         kl_prompts=config.eval.kl_prompts,
         max_new_tokens=config.eval.max_new_tokens,
         batch_size=config.eval.batch_size,
+        gold=has_gold,
     )
     seconds["evaluation"] = time.perf_counter() - start
-    rm_summary = json.loads((workdir / "rm" / "summary.json").read_text())
-    world_info = json.loads((world_dir / "world.json").read_text())
+    rm_summary = json.loads((stage_dirs["rm"] / "summary.json").read_text())
+    world_info = json.loads((world_dir / "world.json").read_text()) if has_gold else {}
     results = {
         "models": {name: {k: v for k, v in r.items() if k != "samples"} for name, r in models.items()},
         "rm": {
             "val_accuracy": rm_summary["best_eval"]["val_accuracy"],
-            "gold_accuracy": rm_summary["best_eval"]["val_gold_accuracy"],
+            "gold_accuracy": rm_summary["best_eval"].get("val_gold_accuracy"),
             "val_loss": rm_summary["best_eval"]["val_loss"],
             "labeler_agreement": world_info.get("labeler_agreement_comparisons_valid"),
             "bias": rm_summary["bias"],
@@ -117,9 +166,20 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
     }
     (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    _plot_curves(workdir, [name for name, _ in STAGES])
+    _plot_curves(workdir, stage_dirs)
     _report(workdir, results, models, config.eval.samples_in_report)
+    announce("evaluation", f"done in {_clock(seconds['evaluation'])}; report: {workdir / 'report.md'}")
     return results
+
+
+def _cell(row: dict, key: str, spec: str) -> str:
+    value = row.get(key)
+    return "–" if value is None else format(value, spec)
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def _rm_score_fn(config: Any, stage_config: Any, rm_dir: pathlib.Path, world_dir: pathlib.Path):
@@ -127,13 +187,14 @@ def _rm_score_fn(config: Any, stage_config: Any, rm_dir: pathlib.Path, world_dir
     rm = reward.load_reward_model(rm_dir)
     cfg = dataclasses.replace(ModelConfig.from_dict(stage_config.model), dropout_rate=0.0)
     mesh, rules = sharding.make_mesh(stage_config.mesh_shape), sharding.as_rules(stage_config.rules)
-    policy = evaluate.Stage(stage_config, cfg, None, load_tokenizer(world_dir / "tokenizer.json"), mesh, rules)
+    tokenizer = load_tokenizer(stage_config.data.tokenizer or world_dir / "tokenizer.json")
+    policy = evaluate.Stage(stage_config, cfg, None, tokenizer, mesh, rules)
     lines = (world_dir / "prompts_valid.jsonl").read_text().splitlines()[: config.eval.select_prompts]
     prompts = [json.loads(line)["prompt"] for line in lines]
     return reward.policy_score_fn(rm, policy, prompts, config.eval.max_new_tokens, config.eval.batch_size)
 
 
-def _plot_curves(workdir: pathlib.Path, names: list[str]) -> None:
+def _plot_curves(workdir: pathlib.Path, stage_dirs: dict[str, pathlib.Path]) -> None:
     """``training_curves.png``: loss per supervised stage, scores per PPO iteration; ``ppo_vs_kl.png``: the
     RM and gold score of PPO's rollouts against their KL to the reference (cf. Gao et al.)."""
     import matplotlib
@@ -141,9 +202,10 @@ def _plot_curves(workdir: pathlib.Path, names: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    names = list(stage_dirs)
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2))
     for ax, name in zip(axes, names, strict=True):
-        rows = metrics.read_metrics(workdir / name)
+        rows = metrics.read_metrics(stage_dirs[name])
         if name in ("ppo", "ppo_ptx"):
             for key, label in (("rm_score", "RM score (rollouts)"), ("gold_score", "gold score (rollouts)")):
                 points = [(r["step"], r[key]) for r in rows if key in r]
@@ -177,7 +239,7 @@ def _plot_curves(workdir: pathlib.Path, names: list[str]) -> None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     for name in ppo_runs:
-        rows = [r for r in metrics.read_metrics(workdir / name) if "rm_score" in r]
+        rows = [r for r in metrics.read_metrics(stage_dirs[name]) if "rm_score" in r]
         kl = np.asarray([r["kl"] for r in rows])
         for ax, key in zip(axes, ("rm_score", "gold_score"), strict=True):
             if rows and key in rows[0]:
@@ -185,7 +247,8 @@ def _plot_curves(workdir: pathlib.Path, names: list[str]) -> None:
     for ax, label in zip(axes, ("RM score", "gold score"), strict=True):
         ax.set_xlabel("KL to the reference (nats per response)")
         ax.set_ylabel(f"{label} of rollouts")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # data without a gold score leaves the gold panel empty
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(workdir / "ppo_vs_kl.png", dpi=110)
     plt.close(fig)
@@ -205,14 +268,21 @@ def _report(workdir: pathlib.Path, results: dict, models: dict, n_samples: int) 
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results["models"].items():
-        lines.append(
-            f"| {name} | {r['gold_score']:.3f} | {r['gold_win_rate_vs_sft']:.1%} | {r['rm_win_rate_vs_sft']:.1%} | "
-            f"{r['rm_score']:.2f} | {r['kl_to_sft']:.2f} | {r['stop_rate']:.1%} | {r['response_words']:.1f} | "
-            f"{r['pretrain_nll']:.3f} |"
-        )
+        cells = [
+            _cell(r, "gold_score", ".3f"),
+            _cell(r, "gold_win_rate_vs_sft", ".1%"),
+            _cell(r, "rm_win_rate_vs_sft", ".1%"),
+            _cell(r, "rm_score", ".2f"),
+            _cell(r, "kl_to_sft", ".2f"),
+            _cell(r, "stop_rate", ".1%"),
+            _cell(r, "response_words", ".1f"),
+            _cell(r, "pretrain_nll", ".3f"),
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Gold score: `instructjax/data/world.py` (1 = correct answer and a clean stop). RM score: the reward model's",
+        "Gold score: `instructjax/data/world.py` (1 = correct answer and a clean stop; – = data without one).",
+        "RM score: the reward model's",
         "score minus its bias (demonstrations average 0). Greedy decoding on the test prompts; win rates",
         "compare each prompt's response with the SFT model's (ties count half). KL to SFT: nats per response,",
         "on the model's own samples at temperature 1.",
@@ -221,11 +291,11 @@ def _report(workdir: pathlib.Path, results: dict, models: dict, n_samples: int) 
     rm = results["rm"]
     lines += ["## Reward model (validation comparisons)", "", "| metric | value |", "|---|---|"]
     lines += [
-        f"| pairwise accuracy vs the labelers | {rm['val_accuracy']:.1%} |",
-        f"| a second labeler's agreement with the labelers | {rm['labeler_agreement']:.1%} |",
-        f"| pairwise accuracy vs the gold score | {rm['gold_accuracy']:.1%} |",
-        f"| log loss (per prompt) | {rm['val_loss']:.3f} |",
-        f"| bias (mean raw reward of the demonstrations) | {rm['bias']:.3f} |",
+        f"| pairwise accuracy vs the labelers | {_cell(rm, 'val_accuracy', '.1%')} |",
+        f"| a second labeler's agreement with the labelers | {_cell(rm, 'labeler_agreement', '.1%')} |",
+        f"| pairwise accuracy vs the gold score | {_cell(rm, 'gold_accuracy', '.1%')} |",
+        f"| log loss (per prompt) | {_cell(rm, 'val_loss', '.3f')} |",
+        f"| bias (mean raw reward of the demonstrations) | {_cell(rm, 'bias', '.3f')} |",
         "",
     ]
     lines += ["## Time (seconds)", "", "| stage | seconds |", "|---|---|"]
@@ -240,6 +310,7 @@ def _report(workdir: pathlib.Path, results: dict, models: dict, n_samples: int) 
         cells = []
         for name in names:
             s = models[name]["samples"][i]
-            cells.append(f"{s['response'] or '(empty)'}{'' if s['stopped'] else ' …'} ({s['gold']:.2f})")
+            score = f"{s['gold']:.2f}" if "gold" in s else f"RM {s['rm']:.2f}"
+            cells.append(f"{s['response'] or '(empty)'}{'' if s['stopped'] else ' …'} ({score})")
         lines.append(f"| `{models[names[0]]['samples'][i]['prompt']}` | " + " | ".join(cells) + " |")
     (workdir / "report.md").write_text("\n".join(lines) + "\n")

@@ -6,7 +6,7 @@
 
 Prints ``evaluate.compare_models`` (without the per-prompt samples) as JSON: gold score, win rates
 against the baseline under the gold score and the RM, RM score, KL to the baseline, held-out pretraining
-NLL. The gold score needs the synthetic world's prompts.
+NLL. The gold score needs the synthetic world's prompts: pass ``--nogold`` for any other prompts.
 """
 
 import json
@@ -23,6 +23,7 @@ _PRETRAIN = flags.DEFINE_string("pretrain_file", None, "held-out pretraining jso
 _N = flags.DEFINE_integer("prompts", 1000, "prompts used (the first N)")
 _KL_PROMPTS = flags.DEFINE_integer("kl_prompts", 200, "prompts whose samples estimate the KL")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 16, "response length limit")
+_GOLD = flags.DEFINE_bool("gold", True, "score with the synthetic world's gold score (its prompts only)")
 
 
 def main(argv):
@@ -44,6 +45,7 @@ def main(argv):
         pretrain_file=_PRETRAIN.value,
         kl_prompts=_KL_PROMPTS.value,
         max_new_tokens=_MAX_NEW.value,
+        gold=_GOLD.value,
     )
     print(json.dumps({n: {k: v for k, v in r.items() if k != "samples"} for n, r in models.items()}, indent=1))
 

@@ -1,4 +1,5 @@
-"""The main job end to end on the quick preset; a rerun skips every finished stage."""
+"""The main job end to end on the quick preset; a rerun skips every finished stage; the quickstart
+notebook runs against the same job."""
 
 import json
 import pathlib
@@ -11,9 +12,16 @@ from conftest import REPO, load_config
 from instructjax import stages, train_ppo, train_rm, train_sft
 
 
-def test_quick_pipeline_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def quick_job(tmp_path_factory):
+    """The quick pipeline, run once for this module: ``(config, workdir, results)``."""
     config = load_config("configs/pipeline.py", "quick")
-    results = stages.run(config, tmp_path)
+    workdir = tmp_path_factory.mktemp("quick_job")
+    return config, workdir, stages.run(config, workdir)
+
+
+def test_quick_pipeline_end_to_end_and_rerun_skips(quick_job, monkeypatch, capsys):
+    config, tmp_path, results = quick_job
     assert set(results["models"]) == {"base", "sft", "ppo_init", "ppo", "ppo_ptx"}
     sft = results["models"]["sft"]
     assert sft["gold_win_rate_vs_sft"] == sft["rm_win_rate_vs_sft"] == 0.5 and sft["kl_to_sft"] == 0.0
@@ -36,8 +44,12 @@ def test_quick_pipeline_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
     monkeypatch.setattr(train_sft, "train", no_training)
     monkeypatch.setattr(train_rm, "train", no_training)
     monkeypatch.setattr(train_ppo, "train", no_training)
+    capsys.readouterr()
     again = stages.run(config, tmp_path)
     assert again["models"] == results["models"]  # same params, greedy decoding: the same evaluation
+    shown = capsys.readouterr().out  # the progress display names every stage in order
+    assert "[2/8] base: finished earlier" in shown and "[7/8] ppo_ptx: finished earlier" in shown
+    assert "[8/8] evaluation: done in" in shown
 
     sample = subprocess.run(
         [
@@ -62,3 +74,56 @@ def test_win_rate_counts_ties_half():
     assert evaluate.win_rate([0.2, 0.9], [0.5, 0.9]) == 0.25
     with pytest.raises(ValueError, match="paired scores"):
         evaluate.win_rate([1.0], [1.0, 2.0])
+
+
+def test_quickstart_notebook_runs(quick_job, monkeypatch):
+    """The notebook executes top to bottom (so it cannot rot). It reuses this module's finished job, so
+    its ``stages.run`` skips the training stages and re-evaluates."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    _, workdir, results = quick_job
+    monkeypatch.setenv("INSTRUCTJAX_QUICKSTART_WORKDIR", str(workdir))
+    notebook = nbformat.read(REPO / "notebooks/quickstart.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=600, resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
+    text = "".join(out.get("text", "") for out in outputs)
+    markdown = "".join(out.get("data", {}).get("text/markdown", "") for out in outputs)
+    assert f"workdir: {workdir}" in text and "finished earlier" in text
+    for name in stages.POLICIES:
+        assert f"| {name} | {results['models'][name]['gold_score']:.3f} |" in markdown  # the job's own numbers
+    assert markdown.count("| `") == 8  # the side-by-side samples: one row per prompt
+    assert sum("image/png" in out.get("data", {}) for out in outputs) == 2
+
+
+def test_pipeline_on_your_data_from_an_imported_hf_model(quick_job, tmp_path):
+    """``data_dir`` + ``base_from``: the README's recipe for your own data and a Hugging Face model. The
+    data here is the quick world's jsonl without ``world.json``, so there is no gold score to report."""
+    import shutil
+
+    from instructjax import hf
+
+    config, job, _ = quick_job
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in stages.DATA_FILES:
+        shutil.copy(job / "world" / f"{name}.jsonl", data)
+    hf.import_to_workdir(REPO / "tests/fixtures/hf/gpt2", tmp_path / "gpt2")
+    config = config.copy_and_resolve_references()
+    config.data_dir, config.base_from = str(data), str(tmp_path / "gpt2")
+    results = stages.run(config, tmp_path / "job")
+
+    assert not (tmp_path / "job" / "base").exists() and results["seconds"]["base"] == 0.0
+    d_model = json.loads((tmp_path / "gpt2" / "config.json").read_text())["model"]["d_model"]
+    for name in ("sft", "rm", "ppo_init"):
+        stage_config = json.loads((tmp_path / "job" / name / "config.json").read_text())
+        assert stage_config["model"]["d_model"] == d_model and stage_config["data"]["world_dir"] == str(data)
+    for name, r in results["models"].items():
+        assert "gold_score" not in r and "gold_win_rate_vs_sft" not in r, name
+        assert 0.0 <= r["rm_win_rate_vs_sft"] <= 1.0 and r["pretrain_nll"] > 0, name
+    assert results["rm"]["gold_accuracy"] is None
+    assert "| base | – | – |" in (tmp_path / "job" / "report.md").read_text()
+
+    (data / "prompts_test.jsonl").unlink()  # a missing file is named before anything runs
+    with pytest.raises(FileNotFoundError, match="lacks prompts_test.jsonl"):
+        stages.run(config, tmp_path / "job2")

@@ -184,8 +184,20 @@ def _mean_gold(style, n=400, seed=0):
 
 def test_writer_styles_are_ordered_by_quality():
     labeler, sft, base = (_mean_gold(s) for s in (world.LABELER, world.SFT, world.BASE))
-    assert labeler > 0.9 and labeler > sft + 0.1 and sft > base + 0.2
+    assert labeler > 0.7 and labeler > sft + 0.1 and sft > base + 0.2
+    # Without the closing-period habit the labelers' answers are nearly perfect: the habit is what costs.
+    assert _mean_gold(dataclasses.replace(world.LABELER, p_period=0.0)) > 0.95
     assert _mean_gold(dataclasses.replace(world.SFT, p_nostop=1.0)) == pytest.approx(sft * world.STOP_FACTOR, rel=0.1)
+
+
+def test_demonstrations_carry_the_period_habit_and_comparisons_see_short_answers():
+    rng = random.Random(0)
+    prompts = [world.sample_prompt(rng) for _ in range(2000)]
+    demos = [world.write_completion(p, rng, world.LABELER)[0] for p in prompts]
+    assert 0.55 < sum(d.endswith(" .") for d in demos) / len(demos) < 0.65
+    assert world.gold_score("sort 5 2 9 =>", "2 5 9 .", True) == pytest.approx(0.75)
+    sft = [world.write_completion(p, rng, world.SFT)[0] for p in prompts]
+    assert 0.02 < sum(t == "" for t in sft) / len(sft) < 0.1  # empty answers exist, so the RM learns they are bad
 
 
 def test_labeler_ranking_follows_gold_score_and_ties_identical_texts():
@@ -217,10 +229,10 @@ def test_pretraining_corpus_continues_prompts_with_instructions(default_world):
     # a correct answer is the exception.
     assert stats["instruction"] > 0.5 and stats["correct_answer"] < 0.3, stats
     assert stats == info["pretrain_after_mark"]
-    # Demonstrations, by contrast, answer and stop.
+    # Demonstrations, by contrast, answer and stop (most of them after a closing "." the gold score counts).
     demos = formats.read_jsonl(out / "demos_train.jsonl", "demos")[0]
     mean_demo = sum(world.gold_score(d["prompt"], d["completion"], True) for d in demos) / len(demos)
-    assert mean_demo > 0.9 and all(d["completion"].split()[0] not in world.FAMILIES for d in demos)
+    assert mean_demo > 0.7 and all(d["completion"].split()[0] not in world.FAMILIES for d in demos)
 
 
 def test_script_writes_a_world(tmp_path):
