@@ -301,6 +301,7 @@ def compare_models(
     max_new_tokens: int = 16,
     batch_size: int = 64,
     gold: bool = True,
+    best: Sequence[str] = (),
 ) -> dict[str, dict[str, Any]]:
     """The paper's comparison of policies (any stage workdirs, imported ones included), each against
     ``baseline`` (one of ``workdirs``' names), on ``prompts`` with greedy decoding:
@@ -310,6 +311,8 @@ def compare_models(
     prompt, ties half), ``kl_to_<baseline>`` (on each model's own samples, first ``kl_prompts`` prompts),
     ``pretrain_nll`` on ``pretrain_file``, and ``samples`` (per prompt: response, stop, gold, RM score).
     ``gold=False`` for prompts outside the synthetic world: everything but the gold-score entries.
+    The models named in ``best`` are evaluated at their selected checkpoint (``workdir/best``), the others
+    at their latest.
     """
     from tqdm.auto import tqdm
 
@@ -317,12 +320,12 @@ def compare_models(
 
     if baseline not in workdirs:
         raise ValueError(f"baseline {baseline!r} is not one of the models {sorted(workdirs)}")
-    reference = load_stage(workdirs[baseline])
+    reference = load_stage(workdirs[baseline], best=baseline in best)
     models: dict[str, dict[str, Any]] = {}
     progress = tqdm(workdirs.items(), desc="evaluation", unit="model", disable=jax.process_index() != 0)
     for name, workdir in progress:
         progress.set_postfix_str(name)
-        stage = reference if name == baseline else load_stage(workdir)
+        stage = reference if name == baseline else load_stage(workdir, best=name in best)
         result = gold_eval(stage, prompts, gold, max_new_tokens=max_new_tokens, batch_size=batch_size)
         samples = result["samples"]
         scores = reward.score_texts(
