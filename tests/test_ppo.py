@@ -141,7 +141,9 @@ def test_first_update_ratio_is_exactly_one(sft_dir, rm_dir, tmp_path):
     config = ppo_config(sft_dir, rm_dir, num_iterations=1, **{"optim.lr": 0.0, "value_optim.lr": 0.0})
     train_ppo.train(config, tmp_path)
     (row,) = iteration_rows(tmp_path)
-    assert row["ratio"] == 1.0 and row["approx_kl"] == 0.0 and row["clip_frac"] == 0.0
+    assert row["ratio"] == 1.0 and row["clip_frac"] == 0.0
+    # approx_kl is 0 up to float32 rounding of a log-prob on some token (8.9e-16 measured on this world)
+    assert 0.0 <= row["approx_kl"] < 1e-12
     assert row["kl"] == 0.0  # the policy starts as the reference
 
 
