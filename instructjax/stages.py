@@ -122,7 +122,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
                 stage.init_from = str(stage_dirs[init_from]) if init_from else ""
                 if base_model is not None:  # the given base model's architecture; the stage's head and dropout
                     head, dropout_rate = stage.model.head, stage.model.dropout_rate
-                    stage.model = base_model
+                    stage.model = base_model.copy_and_resolve_references()  # a copy: each stage sets its own
                     stage.model.head, stage.model.dropout_rate = head, dropout_rate
                 if name == "rm":
                     summary = train_rm.train(stage, stage_dir)
