@@ -85,7 +85,9 @@ def test_quickstart_notebook_runs(quick_job, monkeypatch):
     _, workdir, results = quick_job
     monkeypatch.setenv("INSTRUCTJAX_QUICKSTART_WORKDIR", str(workdir))
     notebook = nbformat.read(REPO / "notebooks/quickstart.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=600, resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    NotebookClient(
+        notebook, timeout=600, startup_timeout=300, resources={"metadata": {"path": str(REPO / "notebooks")}}
+    ).execute()
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
     text = "".join(out.get("text", "") for out in outputs)
     markdown = "".join(out.get("data", {}).get("text/markdown", "") for out in outputs)
