@@ -102,7 +102,7 @@ def sample_texts(
                 top_k=top_k,
                 top_p=top_p,
             )
-            gen_tokens = np.asarray(gen.tokens)
+            gen_tokens = sharding.to_host(gen.tokens)
             out += [tok.decode_response(gen_tokens[i].tolist()) for i in range(n)]
     return out
 
@@ -118,7 +118,7 @@ def _prompt_batches(stage: Stage, prompts: Sequence[str], batch_size: int, templ
         n = len(ids)
         ids += [ids[-1]] * (batch_size - n)
         tokens, mask = sampling.pad_prompts(ids, stage.tokenizer.pad_id)
-        yield (start, n, *sharding.to_global((tokens, mask), stage.mesh, stage.rules))
+        yield (start, n, *sharding.put_global((tokens, mask), stage.mesh, stage.rules))
 
 
 def gold_eval(stage: Stage, prompts: Sequence[str], gold: bool = True, **sample_kwargs: Any) -> dict[str, Any]:
@@ -274,7 +274,7 @@ def kl_to_reference(
                 stage.params, reference.params, prompt, prompt_mask, gen.tokens, gen.mask,
                 cfg=stage.model_cfg, ref_cfg=reference.model_cfg,
             )  # fmt: skip
-            total += float(np.asarray(per_row)[:n].sum())
+            total += float(sharding.to_host(per_row)[:n].sum())
     return total / max(len(prompts), 1)
 
 

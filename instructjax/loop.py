@@ -12,8 +12,8 @@ everything that must be the same for every stage:
 - **Evaluation** every ``config.eval_every`` steps and at the end; the best by ``select`` is saved in
   ``workdir/best``.
 - **Checkpoints** every ``config.checkpoint_every`` steps, at the end, and on SIGTERM (then the loop
-  stops with status ``"preempted"``). On any exception, in-flight writes still finish, so a crash loses at
-  most the work since the last save.
+  stops with status ``"preempted"``; on many hosts, all stop at the step where any one got it). On any
+  exception, in-flight writes still finish, so a crash loses at most the work since the last save.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from instructjax import checkpoint, metrics, steps
 
@@ -95,7 +97,7 @@ def run(
     try:
         with checkpoint.PreemptionGuard() as guard:
             for step in range(start_step, total_steps):
-                if guard.requested:
+                if _any_process(guard.requested):
                     status = "preempted"
                     break
                 for _ in range(micro_steps):
@@ -146,6 +148,14 @@ def run(
         writer.close()
     meta["wall_seconds"] += time.perf_counter() - wall_start
     return Result(state=state, status=status, meta=meta, resumed=restored is not None)
+
+
+def _any_process(flag: bool) -> bool:
+    """Whether any process has ``flag`` set. A preemption notice may reach the hosts of a slice at different
+    steps; they must all stop at the same one, or those still stepping wait forever in a collective."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
 
 
 def summary(result: Result, total_steps: int, micro_steps: int = 1, **extra: Any) -> dict[str, Any]:

@@ -105,8 +105,8 @@ def raw_scores(
                 response = tok.encode(responses[i]) + ([tok.eos_id] if stopped[i] else [])
                 p, r = formats.truncate(tok.encode(template.format(prompt=prompts[i])), response, max_len)
                 tokens[row, : len(p) + len(r)], mask[row, : len(p) + len(r)] = p + r, 1
-            batch = sharding.to_global((tokens, mask), stage.mesh, stage.rules)
-            rewards = np.asarray(_rewards(stage.params, *batch, cfg=stage.model_cfg))
+            batch = sharding.put_global((tokens, mask), stage.mesh, stage.rules)
+            rewards = sharding.to_host(_rewards(stage.params, *batch, cfg=stage.model_cfg))
             out.append(rewards[: min(batch_size, len(prompts) - start)])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
@@ -135,3 +135,43 @@ def policy_score_fn(
         return float(np.mean(score_texts(rm, prompts, texts, stopped, batch_size)))
 
     return score
+
+
+def best_of_n(
+    rm: RewardModel,
+    policy: evaluate.Stage,
+    prompts: Sequence[str],
+    gold_score: Callable[[str, str, bool], float],
+    ns: Sequence[int] = (1, 2, 4, 8, 16, 32),
+    *,
+    max_new_tokens: int = 16,
+    draws: int = 8,
+    seed: int = 0,
+) -> list[dict[str, float]]:
+    """Best-of-n under the RM against n (Gao et al. 2022): how much of the policy's own spread the RM can use.
+
+    ``max(ns)`` samples per prompt at temperature 1; for each n, ``draws`` random subsets of n samples per
+    prompt, and of each subset the RM's favourite (``rm_pick_gold``) and the gold-best (``oracle_gold``,
+    what a perfect RM would pick), averaged. ``kl`` is best-of-n's analytic KL to the policy,
+    log n - (n - 1)/n. An RM that cannot rank the policy's samples gives ``rm_pick_gold`` flat in n.
+    """
+    total = max(ns)
+    golds, scores = np.zeros((len(prompts), total)), np.zeros((len(prompts), total))
+    for s in range(total):
+        texts, stopped = zip(
+            *evaluate.sample_texts(policy, prompts, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + s),
+            strict=True,
+        )
+        golds[:, s] = [gold_score(p, t, st) for p, t, st in zip(prompts, texts, stopped, strict=True)]
+        scores[:, s] = score_texts(rm, prompts, texts, stopped)
+    rng, rows, out = np.random.default_rng(seed), np.arange(len(prompts)), []
+    for n in ns:
+        picks, oracle = [], []
+        for _ in range(draws):
+            subset = np.stack([rng.choice(total, size=n, replace=False) for _ in rows])  # [prompts, n]
+            chosen = subset[rows, np.argmax(scores[rows[:, None], subset], axis=1)]
+            picks.append(golds[rows, chosen].mean())
+            oracle.append(golds[rows[:, None], subset].max(axis=1).mean())
+        kl = float(np.log(n) - (n - 1) / n)
+        out.append({"n": n, "kl": kl, "rm_pick_gold": float(np.mean(picks)), "oracle_gold": float(np.mean(oracle))})
+    return out

@@ -245,3 +245,26 @@ def generate(
     scalars = [jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32)]
     scalars += [jnp.asarray(eos_id, jnp.int32), jnp.asarray(pad_id, jnp.int32)]
     return fn(params, prompt_bt, prompt_mask_bt, rng, *scalars, cfg=cfg, max_new_tokens=max_new_tokens, top_k=top_k)
+
+
+def trace_generate(
+    params: Any,
+    cfg: ModelConfig,
+    prompt_bt: jax.ShapeDtypeStruct,
+    prompt_mask_bt: jax.ShapeDtypeStruct,
+    rng: jax.ShapeDtypeStruct,
+    *,
+    max_new_tokens: int,
+    top_k: int = 0,
+    use_cache: bool = True,
+    scalar_sharding: Any = None,
+) -> jax.stages.Traced:
+    """The program ``generate`` runs, traced for abstract inputs (``jax.ShapeDtypeStruct``s with shardings) and
+    ready to ``.lower().compile()`` ahead of time (``aot.py``). Temperature, top-p and the EOS/PAD ids are traced
+    scalars in ``generate``, so they are abstract here too, with ``scalar_sharding`` (replicated on the mesh)."""
+    fn = _generate_cached if use_cache else _generate_recompute
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=scalar_sharding)  # noqa: E731
+    scalars = [scalar(jnp.float32), scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.int32)]
+    return fn.trace(
+        params, prompt_bt, prompt_mask_bt, rng, *scalars, cfg=cfg, max_new_tokens=max_new_tokens, top_k=top_k
+    )

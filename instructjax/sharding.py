@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -123,6 +125,8 @@ def logical_to_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules: Ru
     known = {name for name, _ in rules}
 
     def one(path, names, shaped):
+        if not hasattr(shaped, "shape"):  # an empty subtree (optax.MultiSteps' skip_state=()): nothing to shard
+            return shaped
         for name in names:
             if name is not None and name not in known:
                 raise ValueError(
@@ -160,8 +164,9 @@ def init_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh
 def abstract_sharded(init_fn: Callable[[jax.Array], Any], mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
     """``(shapes, shardings)`` of what ``init_fn(rng)`` (a boxed tree) would create; nothing is allocated.
     The targets for loading a checkpoint straight onto the mesh."""
+    key = jax.random.key(0)  # made outside the mesh: an AOT mesh of TPU topology devices cannot run it
     with use(mesh, rules):
-        abstract = jax.eval_shape(init_fn, jax.random.key(0))
+        abstract = jax.eval_shape(init_fn, key)
         shapes = strip_boxes(abstract)
         return shapes, logical_to_shardings(logical_axes(abstract), shapes, mesh, rules)
 
@@ -219,6 +224,54 @@ def to_global(local_batch: Any, mesh: Mesh, rules: Rules) -> Any:
         return jax.make_array_from_process_local_data(batch_sharding(mesh, rules, x.ndim), x)
 
     return jax.tree.map(put, local_batch)
+
+
+def put_global(global_batch: Any, mesh: Mesh, rules: Rules) -> Any:
+    """A global numpy batch that every process holds whole (evaluation prompts, texts to score) -> global
+    jax arrays sharded along the batch, each device taking its own rows. Unlike ``to_global``, the batch
+    does not grow with the number of processes."""
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, batch_sharding(mesh, rules, x.ndim), lambda index: x[index])
+
+    return jax.tree.map(put, global_batch)
+
+
+def to_host(tree: Any) -> Any:
+    """Global jax arrays -> numpy arrays on every process: all-gathered across hosts when sharded over them,
+    a plain device-to-host copy on one."""
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(get, tree)
+
+
+def initialize_distributed() -> bool:
+    """Join a multi-host run before any other JAX call; a no-op on one host. Returns whether it did.
+
+    - ``JAX_COORDINATOR_ADDRESS`` (``host:port``), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` all set:
+      those (any cluster; the local multi-process test uses 127.0.0.1).
+    - ``INSTRUCTJAX_DISTRIBUTED=1``: ``jax.distributed.initialize()`` detects the cluster itself (TPU VM
+      pods, SLURM, Open MPI; ``scripts/tpu_vm.sh launch`` sets it).
+    """
+    explicit = [os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")]
+    if all(explicit):
+        address, processes, process_id = explicit
+        jax.distributed.initialize(address, num_processes=int(processes), process_id=int(process_id))
+        return True
+    if os.environ.get("INSTRUCTJAX_DISTRIBUTED", "") not in ("", "0"):
+        jax.distributed.initialize()
+        return True
+    if any(explicit):
+        raise ValueError(
+            "multi-host needs all of JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; "
+            f"got {dict(zip(('address', 'processes', 'process_id'), explicit, strict=True))}"
+        )
+    return False
 
 
 def describe(shardings: Any, shapes: Any) -> dict[str, str]:

@@ -43,6 +43,20 @@ def create_train_state(
     seed: int,
 ) -> tuple[TrainState, TrainState]:
     """The state, created sharded (``init_params(rng)`` returns boxed params), and its shardings."""
+    return sharding.init_sharded(train_state_init(init_params, tx), jax.random.key(seed), mesh, rules)
+
+
+def abstract_train_state(
+    init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation, mesh: Mesh, rules: sharding.Rules
+) -> tuple[TrainState, TrainState]:
+    """``(shapes, shardings)`` of the state ``create_train_state`` would make; nothing is allocated (``aot.py``)."""
+    return sharding.abstract_sharded(train_state_init(init_params, tx), mesh, rules)
+
+
+def train_state_init(
+    init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation
+) -> Callable[[jax.Array], TrainState]:
+    """``rng -> TrainState`` with boxed (logically named) leaves: what ``create_train_state`` runs sharded."""
 
     def init(rng):
         params = init_params(rng)
@@ -54,7 +68,7 @@ def create_train_state(
             skipped_steps=jnp.zeros((), jnp.int32),
         )
 
-    return sharding.init_sharded(init, jax.random.key(seed), mesh, rules)
+    return init
 
 
 def make_train_step(

@@ -30,6 +30,7 @@ import json
 import math
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -57,72 +58,22 @@ class PPOState:
     skipped_steps: jax.Array  # kept for loop.run; PPO stops on a non-finite update (nan_policy='stop')
 
 
-def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Run PPO (γ = ``config.ptx_coef`` = 0) or PPO-ptx; returns the summary (also ``summary.json``)."""
-    # ----------------------------------------------------------------- Set-up: workdir, mesh, models
-    wall_start = time.perf_counter()
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if not config.policy_from or not config.rm_from:
-        raise ValueError(
-            "config.policy_from (the PPO-init SFT workdir) and config.rm_from (the RM workdir) are required"
-        )
-    if config.reward not in ("rm", "gold"):
-        raise ValueError(f"config.reward={config.reward!r}: expected 'rm' or 'gold'")
-    if config.nan_policy != "stop":
-        raise ValueError(f"config.nan_policy={config.nan_policy!r}: PPO supports only 'stop'")
-    mesh, rules = sharding.make_mesh(config.mesh_shape), sharding.as_rules(config.rules)
-    policy_source, rm_source = evaluate.stage_config(config.policy_from), evaluate.stage_config(config.rm_from)
-    if jax.process_index() == 0:  # self-describing: the policy's model and data settings come along, so
-        # evaluate.load_stage, scripts/sample.py and convert_hf read a PPO workdir like any other stage
-        written = json.loads(config.to_json_best_effort())
-        written["model"] = policy_source.model.to_dict()
-        written["data"] = {**policy_source.data.to_dict(), **written["data"]}
-        (workdir / "config.json").write_text(json.dumps(written, indent=1) + "\n")
-    policy_cfg = dataclasses.replace(ModelConfig.from_dict(policy_source.model), dropout_rate=0.0)
-    value_cfg = dataclasses.replace(ModelConfig.from_dict(rm_source.model), dropout_rate=0.0)
-    if policy_cfg.head != "lm" or value_cfg.head != "scalar":
-        raise ValueError(f"{config.policy_from} must hold a policy and {config.rm_from} a reward model")
-    policy_model, value_model = Transformer(policy_cfg), Transformer(value_cfg)
-    frozen_dtype = jnp.dtype(config.frozen_dtype) if config.frozen_dtype else None
-    ref_model = Transformer(dataclasses.replace(policy_cfg, dtype=config.frozen_dtype or policy_cfg.dtype))
-    rm_model = Transformer(dataclasses.replace(value_cfg, dtype=config.frozen_dtype or value_cfg.dtype))
-    rm_bias = reward.load_bias(config.rm_from)
+def make_models(policy_cfg: ModelConfig, value_cfg: ModelConfig, config: Any) -> dict[str, Transformer]:
+    """The four models keyed policy, ref, value, rm (the configs come with dropout off); the frozen reference
+    and RM compute in ``config.frozen_dtype`` when it is set."""
+    frozen = lambda cfg: Transformer(dataclasses.replace(cfg, dtype=config.frozen_dtype or cfg.dtype))  # noqa: E731
+    return {
+        "policy": Transformer(policy_cfg),
+        "ref": frozen(policy_cfg),
+        "value": Transformer(value_cfg),
+        "rm": frozen(value_cfg),
+    }
 
-    # ----------------------------------------------------------------- Data
-    world = pathlib.Path(policy_source.data.world_dir)
-    data = config.data
-    tokenizer = load_tokenizer(policy_source.data.tokenizer or world / "tokenizer.json")
-    cache = policy_source.data.cache_dir or world / "tfds"
-    template = policy_source.data.prompt_template
-    fmt = pipeline.TextFormat(tokenizer, policy_source.data.max_len, data.max_prompt_len, template)
-    for name in ("batch_size", "minibatch_size"):
-        sharding.check_batch_size(f"config.{name}", config[name], mesh, rules)
-    if config.batch_size % config.minibatch_size:
-        raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of minibatch_size")
-    prompt_src = tfds_builder.build("prompts", {"train": world / data.prompts_file}, cache, data.skip_bad)["train"]
-    iters = {"prompts": iter(pipeline.prompt_batches(prompt_src, fmt, config.batch_size, config.seed))}
-    ptx_rows = 0
-    if config.ptx_coef > 0:
-        ptx_rows = sharding.batch_divisor(mesh, rules) * math.ceil(
-            config.ptx_ratio * config.minibatch_size / sharding.batch_divisor(mesh, rules)
-        )
-        ptx_src = tfds_builder.build("pretrain", {"train": world / data.pretrain_file}, cache)["train"]
-        iters["ptx"] = iter(pipeline.pretrain_batches(ptx_src, tokenizer, data.ptx_len, ptx_rows, config.seed + 1))
-    eval_prompts = [json.loads(line)["prompt"] for line in (world / data.eval_prompts_file).read_text().splitlines()]
-    eval_prompts = eval_prompts[: config.eval_prompts]
-    gold_score = _gold_scorer(world)
-    if config.reward == "gold" and gold_score is None:
-        raise ValueError(f"config.reward='gold' needs the synthetic world's gold score; {world} has no world.json")
-    minibatches = config.batch_size // config.minibatch_size
-    total_steps = config.num_iterations or math.ceil(config.total_episodes / config.batch_size)
-    total_updates = total_steps * config.ppo_epochs * minibatches
 
-    # ----------------------------------------------------------------- Sharded state: four parameter sets
-    tx_policy = optim.make_optimizer(config.optim, total_updates)
-    policy_lr = optim.lr_schedule(config.optim, total_updates)  # for the log
-    tx_value = optim.make_optimizer(config.value_optim, total_updates)
-    example = np.zeros((1, 8), np.int32)
+def make_new_state(
+    config: Any, tx_policy: optax.GradientTransformation, tx_value: optax.GradientTransformation
+) -> Callable[[Any, Any, Any], PPOState]:
+    """``new_state(policy, value, rng_data)``: the state at iteration 0 (both optimizers initialised, β)."""
 
     def new_state(policy, value, rng_data):
         return PPOState(
@@ -136,8 +87,15 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
             skipped_steps=jnp.zeros((), jnp.int32),
         )
 
-    rng_data = jax.random.key_data(jax.random.key(config.seed))
-    shapes, state_sh = sharding.abstract_sharded(
+    return new_state
+
+
+def abstract_state(
+    new_state: Callable, policy_model: Transformer, value_model: Transformer, rng_data: jax.Array, mesh, rules
+) -> tuple[PPOState, PPOState]:
+    """``(shapes, shardings)`` of the ``PPOState``; nothing is allocated (the checkpoint-loading targets)."""
+    example = np.zeros((1, 8), np.int32)
+    return sharding.abstract_sharded(
         lambda r: new_state(
             policy_model.init(r, example)["params"],
             value_model.init(r, example)["params"],
@@ -146,18 +104,11 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         mesh,
         rules,
     )
-    # Straight from the checkpoints onto the mesh (no random init): the policy and reference from the
-    # PPO-init SFT, the value model and the RM from the RM (both the selected, "best", params). The frozen
-    # copies are separate arrays because the trained ones are donated every update.
-    load_policy = lambda: checkpoint.load_params(config.policy_from, shapes.params, state_sh.params, best=True)  # noqa: E731
-    load_rm = lambda: checkpoint.load_params(config.rm_from, shapes.value_params, state_sh.value_params, best=True)  # noqa: E731
-    with sharding.use(mesh, rules):
-        state = jax.jit(lambda p, v: new_state(p, v, rng_data), out_shardings=state_sh)(load_policy(), load_rm())
-    frozen = {"ref": _cast(load_policy(), frozen_dtype), "rm": _cast(load_rm(), frozen_dtype)}
-    n_params = count_params(state.params)
 
-    # ----------------------------------------------------------------- Jitted pieces
-    models = {"policy": policy_model, "ref": ref_model, "value": value_model, "rm": rm_model}
+
+def make_score(models: dict[str, Transformer], config: Any, eos_id: int, rm_bias: float) -> Callable:
+    """The jitted ``score(policy_params, value_params, frozen, batch, gen, kl_coef, oracle_scores) -> Rollout``:
+    ``rollout.score`` of the generated responses, then KL-shaped rewards, GAE and whitening (``rollout.finish``)."""
 
     @jax.jit
     def score(policy_params, value_params, frozen, batch, gen, kl_coef, oracle_scores):
@@ -168,7 +119,7 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
             batch["prompt_mask"],
             gen.tokens,
             gen.mask,
-            eos_id=tokenizer.eos_id,
+            eos_id=eos_id,
             rm_bias=rm_bias,
             missing_eos_penalty=config.missing_eos_penalty if config.use_missing_eos_penalty else None,
             temperature=config.temperature,
@@ -176,6 +127,24 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
             oracle_scores=oracle_scores,
         )
         return rollout.finish(out, kl_coef, config.gamma, config.lam, config.whiten_rewards)
+
+    return score
+
+
+def make_update(
+    models: dict[str, Transformer],
+    policy_cfg: ModelConfig,
+    config: Any,
+    tx_policy: optax.GradientTransformation,
+    tx_value: optax.GradientTransformation,
+    mesh,
+    rules,
+    state_sh: PPOState,
+) -> Callable:
+    """The jitted minibatch ``update(state, rollout, rows, ptx) -> (state, metrics)`` (state donated): one
+    optimizer step of the policy on the clipped surrogate (+ γ × the pretraining NLL of ``ptx`` for PPO-ptx)
+    and one of the value model on the clipped value loss, both on the rollout's ``rows``."""
+    policy_model, value_model = models["policy"], models["value"]
 
     def policy_loss_fn(params, mb, ptx):
         tokens = jnp.concatenate([mb.prompt, mb.response], axis=1)
@@ -220,7 +189,97 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(v_grads))
         return new_state, {**p_stats, **v_stats, "grad_norm": grad_norm, "finite": finite}
 
-    update = jax.jit(update, donate_argnums=0, out_shardings=(state_sh, None))
+    return jax.jit(update, donate_argnums=0, out_shardings=(state_sh, None))
+
+
+def ptx_rows_per_minibatch(config: Any, batch_divisor: int) -> int:
+    """PPO-ptx's pretraining rows per minibatch update: ``ptx_ratio × minibatch_size`` rounded up to whole
+    batch shards; 0 for plain PPO (γ = 0)."""
+    if config.ptx_coef <= 0:
+        return 0
+    return batch_divisor * math.ceil(config.ptx_ratio * config.minibatch_size / batch_divisor)
+
+
+def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Run PPO (γ = ``config.ptx_coef`` = 0) or PPO-ptx; returns the summary (also ``summary.json``)."""
+    # ----------------------------------------------------------------- Set-up: workdir, mesh, models
+    wall_start = time.perf_counter()
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not config.policy_from or not config.rm_from:
+        raise ValueError(
+            "config.policy_from (the PPO-init SFT workdir) and config.rm_from (the RM workdir) are required"
+        )
+    if config.reward not in ("rm", "gold"):
+        raise ValueError(f"config.reward={config.reward!r}: expected 'rm' or 'gold'")
+    if config.nan_policy != "stop":
+        raise ValueError(f"config.nan_policy={config.nan_policy!r}: PPO supports only 'stop'")
+    mesh, rules = sharding.make_mesh(config.mesh_shape), sharding.as_rules(config.rules)
+    policy_source, rm_source = evaluate.stage_config(config.policy_from), evaluate.stage_config(config.rm_from)
+    if jax.process_index() == 0:  # self-describing: the policy's model and data settings come along, so
+        # evaluate.load_stage, scripts/sample.py and convert_hf read a PPO workdir like any other stage
+        written = json.loads(config.to_json_best_effort())
+        written["model"] = policy_source.model.to_dict()
+        written["data"] = {**policy_source.data.to_dict(), **written["data"]}
+        (workdir / "config.json").write_text(json.dumps(written, indent=1) + "\n")
+    policy_cfg = dataclasses.replace(ModelConfig.from_dict(policy_source.model), dropout_rate=0.0)
+    value_cfg = dataclasses.replace(ModelConfig.from_dict(rm_source.model), dropout_rate=0.0)
+    if policy_cfg.head != "lm" or value_cfg.head != "scalar":
+        raise ValueError(f"{config.policy_from} must hold a policy and {config.rm_from} a reward model")
+    models = make_models(policy_cfg, value_cfg, config)
+    policy_model, value_model = models["policy"], models["value"]
+    frozen_dtype = jnp.dtype(config.frozen_dtype) if config.frozen_dtype else None
+    rm_bias = reward.load_bias(config.rm_from)
+
+    # ----------------------------------------------------------------- Data
+    world = pathlib.Path(policy_source.data.world_dir)
+    data = config.data
+    tokenizer = load_tokenizer(policy_source.data.tokenizer or world / "tokenizer.json")
+    cache = policy_source.data.cache_dir or world / "tfds"
+    template = policy_source.data.prompt_template
+    fmt = pipeline.TextFormat(tokenizer, policy_source.data.max_len, data.max_prompt_len, template)
+    for name in ("batch_size", "minibatch_size"):
+        sharding.check_batch_size(f"config.{name}", config[name], mesh, rules)
+    if config.batch_size % config.minibatch_size:
+        raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of minibatch_size")
+    prompt_src = tfds_builder.build("prompts", {"train": world / data.prompts_file}, cache, data.skip_bad)["train"]
+    iters = {"prompts": iter(pipeline.prompt_batches(prompt_src, fmt, config.batch_size, config.seed))}
+    ptx_rows = 0
+    if config.ptx_coef > 0:
+        ptx_rows = sharding.batch_divisor(mesh, rules) * math.ceil(
+            config.ptx_ratio * config.minibatch_size / sharding.batch_divisor(mesh, rules)
+        )
+        ptx_src = tfds_builder.build("pretrain", {"train": world / data.pretrain_file}, cache)["train"]
+        iters["ptx"] = iter(pipeline.pretrain_batches(ptx_src, tokenizer, data.ptx_len, ptx_rows, config.seed + 1))
+    eval_prompts = [json.loads(line)["prompt"] for line in (world / data.eval_prompts_file).read_text().splitlines()]
+    eval_prompts = eval_prompts[: config.eval_prompts]
+    gold_score = _gold_scorer(world)
+    if config.reward == "gold" and gold_score is None:
+        raise ValueError(f"config.reward='gold' needs the synthetic world's gold score; {world} has no world.json")
+    minibatches = config.batch_size // config.minibatch_size
+    total_steps = config.num_iterations or math.ceil(config.total_episodes / config.batch_size)
+    total_updates = total_steps * config.ppo_epochs * minibatches
+
+    # ----------------------------------------------------------------- Sharded state: four parameter sets
+    tx_policy = optim.make_optimizer(config.optim, total_updates)
+    policy_lr = optim.lr_schedule(config.optim, total_updates)  # for the log
+    tx_value = optim.make_optimizer(config.value_optim, total_updates)
+    new_state = make_new_state(config, tx_policy, tx_value)
+    rng_data = jax.random.key_data(jax.random.key(config.seed))
+    shapes, state_sh = abstract_state(new_state, policy_model, value_model, rng_data, mesh, rules)
+    # Straight from the checkpoints onto the mesh (no random init): the policy and reference from the
+    # PPO-init SFT, the value model and the RM from the RM (both the selected, "best", params). The frozen
+    # copies are separate arrays because the trained ones are donated every update.
+    load_policy = lambda: checkpoint.load_params(config.policy_from, shapes.params, state_sh.params, best=True)  # noqa: E731
+    load_rm = lambda: checkpoint.load_params(config.rm_from, shapes.value_params, state_sh.value_params, best=True)  # noqa: E731
+    with sharding.use(mesh, rules):
+        state = jax.jit(lambda p, v: new_state(p, v, rng_data), out_shardings=state_sh)(load_policy(), load_rm())
+    frozen = {"ref": _cast(load_policy(), frozen_dtype), "rm": _cast(load_rm(), frozen_dtype)}
+    n_params = count_params(state.params)
+
+    # ----------------------------------------------------------------- Jitted pieces
+    score = make_score(models, config, tokenizer.eos_id, rm_bias)
+    update = make_update(models, policy_cfg, config, tx_policy, tx_value, mesh, rules, state_sh)
     new_kl_coef = jax.jit(lambda coef, kl: _kl_controller(config.kl, coef, kl, config.batch_size))
 
     # ----------------------------------------------------------------- One iteration
@@ -242,7 +301,7 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         golds = None if gold_score is None else _gold_scores(batch, gen, gold_score, tokenizer)
         oracle = None
         if config.reward == "gold":  # the ablation: optimise the gold score itself instead of the RM
-            oracle = sharding.to_global(np.asarray(golds, np.float32), mesh, rules)
+            oracle = sharding.put_global(np.asarray(golds, np.float32), mesh, rules)
         ro = score(state.params, state.value_params, frozen, batch, gen, state.kl_coef, oracle)
         stats = _rollout_stats(ro, golds)
         t2 = time.perf_counter()
@@ -343,10 +402,10 @@ def _gold_scorer(world: pathlib.Path):
 
 
 def _gold_scores(batch: dict, gen: Any, gold_score, tokenizer) -> list[float]:
-    """The world's gold score of each sampled response; the prompt is decoded from its tokens (the world's
-    template is ``{prompt}``, so that is the prompt text)."""
+    """The world's gold score of each sampled response of the global batch (on every process); the prompt
+    is decoded from its tokens (the world's template is ``{prompt}``, so that is the prompt text)."""
     golds = []
-    for p, r in zip(np.asarray(batch["prompt"]), np.asarray(gen.tokens), strict=True):
+    for p, r in zip(*sharding.to_host((batch["prompt"], gen.tokens)), strict=True):
         text, stopped = tokenizer.decode_response(r.tolist())
         golds.append(gold_score(tokenizer.decode(p.tolist()), text, stopped))
     return golds
@@ -354,6 +413,7 @@ def _gold_scores(batch: dict, gen: Any, gold_score, tokenizer) -> list[float]:
 
 def _rollout_stats(ro: rollout.Rollout, golds: list[float] | None) -> dict[str, float]:
     """Per-iteration rollout metrics (host floats)."""
+    ro = sharding.to_host(ro)
     mask = np.asarray(ro.response_mask, np.float32)
     logratio = np.asarray(ro.logprobs) - np.asarray(ro.ref_logprobs)
     returns, values = np.asarray(ro.returns)[mask > 0], np.asarray(ro.values)[mask > 0]

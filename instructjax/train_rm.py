@@ -94,34 +94,7 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         state = state.replace(params=_from_policy(config.init_from, state.params, cfg, mesh, rules))
 
     # ----------------------------------------------------------------- Steps
-    def loss_fn(params, batch, rng):
-        b, k, t = batch["tokens"].shape
-        rngs = None if rng is None else {"dropout": rng}
-        rewards_bk = reward.sequence_rewards(
-            model, params, batch["tokens"].reshape(b * k, t), batch["mask"].reshape(b * k, t), rngs
-        ).reshape(b, k)
-        pair_mask = batch["pair_mask"] * batch["row_valid"][:, None, None]
-        loss, accuracy = losses.ranking_loss(rewards_bk, pair_mask)
-        valid = (batch["valid"] * batch["row_valid"][:, None]).astype(jnp.float32)
-        n_pairs, n_prompts = pair_mask.sum(), (pair_mask.sum(axis=(1, 2)) > 0).sum()
-        out = {
-            "accuracy": accuracy,
-            "reward_mean": (rewards_bk * valid).sum() / jnp.maximum(valid.sum(), 1.0),
-            # sums for exact validation means over uneven batches
-            "prompts": n_prompts,
-            "pairs": n_pairs,
-            "completions": valid.sum(),
-            "reward_sum": (rewards_bk * valid).sum(),
-            "reward_sq_sum": (jnp.square(rewards_bk) * valid).sum(),
-            "real_tokens": batch["mask"].sum(),
-            "computed_tokens": batch["tokens"].size,
-        }
-        if "gold_pair_mask" in batch:
-            gold = batch["gold_pair_mask"] * batch["row_valid"][:, None, None]
-            out["gold_pairs"] = gold.sum()
-            out["gold_correct"] = losses.ranking_loss(rewards_bk, gold)[1] * gold.sum()
-        return loss, out
-
+    loss_fn = make_loss_fn(model)
     train_step = steps.make_train_step(loss_fn, tx, state_sh, config.nan_policy)
     eval_step = steps.make_eval_step(loss_fn, state_sh.params)
 
@@ -182,6 +155,42 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     return summary
 
 
+def make_loss_fn(model: Transformer) -> steps.LossFn:
+    """``loss_fn(params, batch, rng) -> (loss, metrics)`` of ``steps.make_train_step`` for comparison batches
+    (``pipeline.comparison_batches``): the ranking loss of the rewards at each completion's last token, the
+    pair accuracy, and sums for exact validation means (``gold_*`` when the batch has a ``gold_pair_mask``)."""
+
+    def loss_fn(params, batch, rng):
+        b, k, t = batch["tokens"].shape
+        rngs = None if rng is None else {"dropout": rng}
+        rewards_bk = reward.sequence_rewards(
+            model, params, batch["tokens"].reshape(b * k, t), batch["mask"].reshape(b * k, t), rngs
+        ).reshape(b, k)
+        pair_mask = batch["pair_mask"] * batch["row_valid"][:, None, None]
+        loss, accuracy = losses.ranking_loss(rewards_bk, pair_mask)
+        valid = (batch["valid"] * batch["row_valid"][:, None]).astype(jnp.float32)
+        n_pairs, n_prompts = pair_mask.sum(), (pair_mask.sum(axis=(1, 2)) > 0).sum()
+        out = {
+            "accuracy": accuracy,
+            "reward_mean": (rewards_bk * valid).sum() / jnp.maximum(valid.sum(), 1.0),
+            # sums for exact validation means over uneven batches
+            "prompts": n_prompts,
+            "pairs": n_pairs,
+            "completions": valid.sum(),
+            "reward_sum": (rewards_bk * valid).sum(),
+            "reward_sq_sum": (jnp.square(rewards_bk) * valid).sum(),
+            "real_tokens": batch["mask"].sum(),
+            "computed_tokens": batch["tokens"].size,
+        }
+        if "gold_pair_mask" in batch:
+            gold = batch["gold_pair_mask"] * batch["row_valid"][:, None, None]
+            out["gold_pairs"] = gold.sum()
+            out["gold_correct"] = losses.ranking_loss(rewards_bk, gold)[1] * gold.sum()
+        return loss, out
+
+    return loss_fn
+
+
 def _ranking(record: dict) -> list:
     return tfds_builder.decode(record, "comparisons")["ranking"]
 
@@ -199,17 +208,17 @@ def _from_policy(policy_workdir: str, rm_params: Any, cfg: ModelConfig, mesh, ru
 def _add_gold_pair_masks(batches: list[dict], source: Any, k_max: int) -> None:
     """Attach ``gold_pair_mask [B,K,K]`` (i's gold score above j's) to the validation batches, in place.
 
-    The batches come from ``comparison_batches(shuffle=False, num_epochs=1)``: row r of this process is
-    record ``process_index + r * process_count`` (``pipeline._records``), padding rows after the end.
+    The batches come from ``comparison_batches(shuffle=False, num_epochs=1)``: row r of this process's
+    batch n is record ``(n · processes + process_index) · rows + r`` (``pipeline._process_rows``), padding
+    rows after the end.
     """
     from instructjax.data import world
 
-    index = jax.process_index()
     for n, batch in enumerate(batches):
         rows = batch["tokens"].shape[0]
         gold = np.zeros((rows, k_max, k_max), np.int32)
         for r in range(rows):
-            record = index + (n * rows + r) * jax.process_count()
+            record = (n * jax.process_count() + jax.process_index()) * rows + r
             if record >= len(source) or not batch["row_valid"][r]:
                 continue
             row = tfds_builder.decode(source[record], "comparisons")

@@ -100,9 +100,7 @@ def train(config: Any, workdir: str | pathlib.Path, score_fn: Callable[[Any], fl
         train_size = len(src["train"])
         if config.data.ptx_fraction > 0:
             # Pretraining rows per step, rounded up to whole batch shards; the share used is logged.
-            ptx_rows = math.ceil(batch_size * config.data.ptx_fraction / (1 - config.data.ptx_fraction))
-            divisor = sharding.batch_divisor(mesh, rules)
-            ptx_rows = divisor * math.ceil(ptx_rows / divisor)
+            ptx_rows = ptx_rows_per_step(batch_size, config.data.ptx_fraction, sharding.batch_divisor(mesh, rules))
             ptx_src = tfds_builder.build("pretrain", {"train": world / config.data.pretrain_file}, cache)["train"]
             iters["ptx"] = iter(
                 pipeline.pretrain_batches(
@@ -121,34 +119,7 @@ def train(config: Any, workdir: str | pathlib.Path, score_fn: Callable[[Any], fl
         state = state.replace(params=checkpoint.load_params(config.init_from, state.params, state_sh.params))
 
     # ----------------------------------------------------------------- Steps
-    def lm_nll(params, tokens, loss_mask, rngs, **inputs):
-        # The LM head and cross-entropy fused in chunks: the [B,T,V] logits never exist at once.
-        hidden = model.apply(
-            {"params": params}, tokens, **inputs, deterministic=rngs is None, rngs=rngs, return_hidden=True
-        )
-        return losses.fused_lm_loss(hidden, unembedding(params, cfg), tokens, loss_mask, config.loss_chunk)
-
-    def loss_fn(params, batch, rng):
-        rngs = None if rng is None else {"dropout": rng}
-        if "segment_ids" in batch:
-            loss, n_tokens = lm_nll(
-                params, batch["tokens"], batch["loss_mask"], rngs, segment_ids_bt=batch["segment_ids"]
-            )
-        else:
-            loss, n_tokens = lm_nll(params, batch["tokens"], batch["loss_mask"], rngs, mask_bt=batch["mask"])
-        # loss_tokens weight the loss; real_tokens (non-pad) and computed_tokens (B*T) measure throughput.
-        out = {"loss_tokens": n_tokens, "real_tokens": batch["mask"].sum(), "computed_tokens": batch["tokens"].size}
-        if "ptx_tokens" in batch:  # PPO-init SFT: token mean over demonstrations and pretraining text
-            ptx_rngs = None if rng is None else {"dropout": jax.random.fold_in(rng, 1)}
-            ptx_loss, ptx_tokens = lm_nll(
-                params, batch["ptx_tokens"], batch["ptx_loss_mask"], ptx_rngs, segment_ids_bt=batch["ptx_segment_ids"]
-            )
-            out.update(sft_loss=loss, ptx_loss=ptx_loss, loss_tokens=n_tokens + ptx_tokens)
-            out["real_tokens"] += batch["ptx_mask"].sum()
-            out["computed_tokens"] += batch["ptx_tokens"].size
-            loss = (loss * n_tokens + ptx_loss * ptx_tokens) / (n_tokens + ptx_tokens)
-        return loss, out
-
+    loss_fn = make_loss_fn(model, cfg, config)
     train_step = steps.make_train_step(loss_fn, tx, state_sh, config.nan_policy)
     eval_step = steps.make_eval_step(loss_fn, state_sh.params)
 
@@ -193,6 +164,51 @@ def train(config: Any, workdir: str | pathlib.Path, score_fn: Callable[[Any], fl
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def make_loss_fn(model: Transformer, cfg: ModelConfig, config: Any) -> steps.LossFn:
+    """``loss_fn(params, batch, rng) -> (loss, metrics)`` of ``steps.make_train_step``: the token-mean LM loss
+    of the batch (``mask``, or ``segment_ids`` for packed pretraining), and with ``ptx_*`` keys the token mean
+    over the demonstrations and the pretraining rows together. ``rng=None``: no dropout (evaluation)."""
+
+    def lm_nll(params, tokens, loss_mask, rngs, **inputs):
+        # The LM head and cross-entropy fused in chunks: the [B,T,V] logits never exist at once.
+        hidden = model.apply(
+            {"params": params}, tokens, **inputs, deterministic=rngs is None, rngs=rngs, return_hidden=True
+        )
+        return losses.fused_lm_loss(hidden, unembedding(params, cfg), tokens, loss_mask, config.loss_chunk)
+
+    def loss_fn(params, batch, rng):
+        rngs = None if rng is None else {"dropout": rng}
+        if "segment_ids" in batch:
+            loss, n_tokens = lm_nll(
+                params, batch["tokens"], batch["loss_mask"], rngs, segment_ids_bt=batch["segment_ids"]
+            )
+        else:
+            loss, n_tokens = lm_nll(params, batch["tokens"], batch["loss_mask"], rngs, mask_bt=batch["mask"])
+        # loss_tokens weight the loss; real_tokens (non-pad) and computed_tokens (B*T) measure throughput.
+        out = {"loss_tokens": n_tokens, "real_tokens": batch["mask"].sum(), "computed_tokens": batch["tokens"].size}
+        if "ptx_tokens" in batch:  # PPO-init SFT: token mean over demonstrations and pretraining text
+            ptx_rngs = None if rng is None else {"dropout": jax.random.fold_in(rng, 1)}
+            ptx_loss, ptx_tokens = lm_nll(
+                params, batch["ptx_tokens"], batch["ptx_loss_mask"], ptx_rngs, segment_ids_bt=batch["ptx_segment_ids"]
+            )
+            out.update(sft_loss=loss, ptx_loss=ptx_loss, loss_tokens=n_tokens + ptx_tokens)
+            out["real_tokens"] += batch["ptx_mask"].sum()
+            out["computed_tokens"] += batch["ptx_tokens"].size
+            loss = (loss * n_tokens + ptx_loss * ptx_tokens) / (n_tokens + ptx_tokens)
+        return loss, out
+
+    return loss_fn
+
+
+def ptx_rows_per_step(batch_size: int, ptx_fraction: float, batch_divisor: int) -> int:
+    """Pretraining rows beside ``batch_size`` demonstrations so they are ``ptx_fraction`` of the sequences,
+    rounded up to whole batch shards (``batch_divisor``); 0 without a mix."""
+    if ptx_fraction <= 0:
+        return 0
+    rows = math.ceil(batch_size * ptx_fraction / (1 - ptx_fraction))
+    return batch_divisor * math.ceil(rows / batch_divisor)
 
 
 def _take(it, n):

@@ -10,7 +10,7 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from instructjax import train_ppo
+from instructjax import sharding, train_ppo
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/ppo.py:tiny", "stage config", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "stage directory (checkpoints, metrics, config.json)", required=True)
@@ -19,6 +19,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "stage directory (checkpoints, m
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    sharding.initialize_distributed()  # multi-host (docs/tpu.md, docs/gpu.md); a no-op on one host
     print(json.dumps(train_ppo.train(_CONFIG.value, _WORKDIR.value), indent=1))
 
 

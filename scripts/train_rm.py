@@ -11,7 +11,7 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from instructjax import train_rm
+from instructjax import sharding, train_rm
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/rm.py:tiny", "stage config", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "stage directory (checkpoints, metrics, config.json)", required=True)
@@ -20,6 +20,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "stage directory (checkpoints, m
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    sharding.initialize_distributed()  # multi-host (docs/tpu.md, docs/gpu.md); a no-op on one host
     print(json.dumps(train_rm.train(_CONFIG.value, _WORKDIR.value), indent=1))
 
 

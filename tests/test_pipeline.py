@@ -1,5 +1,6 @@
 """TFDS builders and grain pipelines on a small synthetic world."""
 
+import itertools
 import json
 import pathlib
 import subprocess
@@ -142,12 +143,32 @@ def test_shuffle_is_seeded_and_process_shards_are_disjoint(world_dir, fmt):
 
 
 def test_finite_pass_gives_every_process_the_same_number_of_batches(world_dir, fmt):
-    src = sources(world_dir, "prompts", test="prompts_test.jsonl")["test"]  # 20 prompts over 3 processes: 7, 7, 6
+    src = sources(world_dir, "prompts", test="prompts_test.jsonl")["test"]  # 20 prompts, global batches 6, 6, 6, 2
     shards = [
-        list(pipeline.prompt_batches(src, fmt, batch_size=4, seed=0, num_epochs=1, shard=(p, 3))) for p in range(3)
+        list(pipeline.prompt_batches(src, fmt, batch_size=6, seed=0, num_epochs=1, shard=(p, 3))) for p in range(3)
     ]
-    assert [len(b) for b in shards] == [2, 2, 2]
+    assert [len(b) for b in shards] == [4, 4, 4]
+    assert [int(b[-1]["row_valid"].sum()) for b in shards] == [2, 0, 0]  # an empty slice is all padding
     assert sum(int(b["row_valid"].sum()) for batches in shards for b in batches) == 20
+
+
+def test_process_slices_make_up_the_single_process_batch(world_dir, fmt):
+    """Multi-host: concatenated in process order, the processes' rows are exactly one process's batch."""
+    demos = sources(world_dir, "demos", train="demos_train.jsonl")["train"]
+    text = sources(world_dir, "pretrain", train="pretrain_train.jsonl")["train"]
+    makers = {
+        "sft": lambda shard: pipeline.sft_batches(demos, fmt, 8, seed=4, shard=shard),
+        "pretrain": lambda shard: pipeline.pretrain_batches(text, fmt.tokenizer, 32, 8, seed=4, shard=shard),
+    }
+    for name, make in makers.items():
+        whole = list(itertools.islice(iter(make((0, 1))), 3))
+        parts = [list(itertools.islice(iter(make((p, 2))), 3)) for p in range(2)]
+        for n, batch in enumerate(whole):
+            for key, value in batch.items():
+                joined = np.concatenate([parts[0][n][key], parts[1][n][key]])
+                np.testing.assert_array_equal(joined, value, err_msg=f"{name} batch {n} {key}")
+    with pytest.raises(ValueError, match="not a multiple of the 3 processes"):
+        next(iter(pipeline.sft_batches(demos, fmt, 8, seed=0, shard=(0, 3))))
 
 
 def test_truncation_is_counted(world_dir):

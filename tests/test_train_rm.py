@@ -1,6 +1,7 @@
 """Reward-model stage: init from SFT, K-way batches, metrics, bias normalisation, resume, sharding."""
 
 import json
+import random
 
 import jax
 import jax.numpy as jnp
@@ -204,3 +205,31 @@ def test_policy_samples_labeled_and_rm_agreement(sft_dir, rm_dir, small_world, m
     result = evaluate.rm_agreement(reward.load_reward_model(rm_dir), policy, prompts, samples_per_prompt=3)
     assert result["pairs"] > 0 and 0.0 <= result["agreement"] <= 1.0
     assert set(result["by_family"]) <= {p.split()[0] for p in prompts}
+
+
+def test_best_of_n_picks_by_the_rm(monkeypatch):
+    """Controlled samples: sample s of prompt i is right when (i + s) % 4 == 0, a wrong "7" otherwise. An RM
+    equal to the gold score picks as the oracle does; a constant RM picks at random (flat in n)."""
+    from instructjax import evaluate
+
+    prompts = [world.sample_prompt(random.Random(i)) for i in range(40)]
+
+    def samples(stage, ps, seed, **kwargs):
+        return [(" ".join(world.solve(p)) if (i + seed) % 4 == 0 else "7", True) for i, p in enumerate(ps)]
+
+    def gold_rm(rm, ps, texts, stopped):
+        return np.array([world.gold_score(*x) for x in zip(ps, texts, stopped, strict=True)])
+
+    monkeypatch.setattr(evaluate, "sample_texts", samples)
+    monkeypatch.setattr(reward, "score_texts", gold_rm)
+    rows = reward.best_of_n(None, None, prompts, world.gold_score, ns=(1, 4, 8), draws=4)
+    assert [r["n"] for r in rows] == [1, 4, 8] and rows[0]["kl"] == 0.0
+    assert rows[1]["kl"] == pytest.approx(np.log(4) - 3 / 4)
+    for r in rows:
+        assert r["rm_pick_gold"] == pytest.approx(r["oracle_gold"])
+    assert rows[0]["oracle_gold"] < rows[1]["oracle_gold"] <= rows[2]["oracle_gold"] == pytest.approx(1.0)
+    monkeypatch.setattr(reward, "score_texts", lambda rm, ps, texts, stopped: np.zeros(len(ps)))
+    flat = reward.best_of_n(None, None, prompts, world.gold_score, ns=(1, 8), draws=16)
+    assert (
+        abs(flat[1]["rm_pick_gold"] - flat[0]["rm_pick_gold"]) < 0.1 < flat[1]["oracle_gold"] - flat[1]["rm_pick_gold"]
+    )

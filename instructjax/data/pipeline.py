@@ -1,9 +1,11 @@
 """grain pipelines per stage: tokenize, truncate (counted), pad, shuffle by seed, shard per process, batch.
 
-Every pipeline is ``grain.MapDataset.source(records)[process::processes].shuffle(seed).repeat(epochs)
-.map(encode).batch(...)``, so order is a pure function of the seed and the iterator state
-(``it.get_state()``, saved in checkpoints) resumes exactly. ``shuffle`` then ``repeat`` reshuffles every
-epoch. Per-process sharding takes every ``process_count``-th record, so each host reads only its rows.
+Every pipeline is ``grain.MapDataset.source(records).shuffle(seed).repeat(epochs).batch(global batch)``
+then, per process, ``encode`` of its own rows only, so order is a pure function of the seed and the
+iterator state (``it.get_state()``, saved in checkpoints) resumes exactly. ``shuffle`` then ``repeat``
+reshuffles every epoch. Multi-host: every process walks the same global record stream and keeps a
+contiguous block of ``batch_size / process_count`` rows of each global batch (``batch_size`` is always the
+global size), so the global batch, and the loss, are the same on any number of hosts.
 
 Batch conventions (numpy, B rows; T = ``TextFormat.max_len``):
 
@@ -131,45 +133,66 @@ def encode_prompt(row: dict, fmt: TextFormat) -> dict[str, np.ndarray]:
     return {"prompt": tokens, "prompt_mask": mask}
 
 
-def _stack(batch_size: int, elements: Sequence[dict[str, np.ndarray] | None]) -> dict[str, np.ndarray]:
-    """Stack elements, padding a short final batch (and ``None`` padding elements) with zero rows
-    marked ``row_valid = 0``."""
-    elements = [e for e in elements if e is not None]
+def _stack(batch_size: int, elements: Sequence[dict[str, np.ndarray]], placeholder: dict | None = None) -> dict:
+    """Stack elements, padding a short final batch with zero rows marked ``row_valid = 0``. A process
+    whose slice of the last batch is empty stacks a zeroed ``placeholder`` (any element) instead."""
     if not elements:
-        raise ValueError("a batch of padding only: a process has far fewer records than the batch size")
+        if placeholder is None:
+            raise ValueError("a batch of padding only")
+        elements = [{k: np.zeros_like(v) for k, v in placeholder.items()}]
+        real = 0
+    else:
+        real = len(elements)
     out = {k: np.stack([e[k] for e in elements]) for k in elements[0]}
     missing = batch_size - len(elements)
     if missing:
         out = {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for k, v in out.items()}
-    out["row_valid"] = (np.arange(batch_size) < len(elements)).astype(np.int32)
+    out["row_valid"] = (np.arange(batch_size) < real).astype(np.int32)
     return out
 
 
-def _records(
-    source: Any, seed: int, shuffle: bool, num_epochs: int | None, shard: tuple[int, int] | None
-) -> grain.MapDataset:
+def _process_rows(batch_size: int, shard: tuple[int, int] | None) -> tuple[slice, int]:
+    """This process's rows of every global batch: a contiguous ``batch_size / processes`` block, in process
+    order, as ``sharding.to_global`` (``make_array_from_process_local_data``) lays them out."""
     if shard is None:
         import jax
 
         shard = (jax.process_index(), jax.process_count())
-    if num_epochs is not None and shard[1] > 1:
-        # A finite pass must give every process the same number of batches (a collective step on a
-        # process that ran out would hang): shorter shards are padded with None, i.e. empty rows.
-        per_process = -(-len(source) // shard[1])
-        index = list(range(shard[0], len(source), shard[1]))
-        index += [-1] * (per_process - len(index))
-        ds = grain.MapDataset.source(index).map(lambda i: source[i] if i >= 0 else None)
-    else:
-        ds = grain.MapDataset.source(source)[shard[0] :: shard[1]]
+    index, count = shard
+    if batch_size % count:
+        raise ValueError(f"batch size {batch_size} is not a multiple of the {count} processes")
+    rows = batch_size // count
+    return slice(index * rows, (index + 1) * rows), rows
+
+
+def _records(source: Any, seed: int, shuffle: bool, num_epochs: int | None) -> grain.MapDataset:
+    """The global record order: the same on every process (a pure function of the seed)."""
+    ds = grain.MapDataset.source(source)
     if len(ds) == 0:
-        raise ValueError(f"process {shard[0]} of {shard[1]} has no records (dataset of {len(source)})")
+        raise ValueError("the dataset has no records")
     if shuffle:
         ds = ds.shuffle(seed=seed)
     return ds.repeat(num_epochs)
 
 
-def _batched(ds: grain.MapDataset, batch_size: int, num_epochs: int | None, threads: int) -> grain.IterDataset:
-    ds = ds.batch(batch_size, drop_remainder=num_epochs is None, batch_fn=functools.partial(_stack, batch_size))
+def _batched(
+    ds: grain.MapDataset,
+    encode: Callable[[Any], dict],
+    batch_size: int,
+    num_epochs: int | None,
+    shard: tuple[int, int] | None,
+    threads: int,
+) -> grain.IterDataset:
+    """Global batches of records -> this process's rows, encoded and stacked. Every process walks the same
+    record stream and encodes only its own rows, so the global batch is the one a single process would
+    build: losses do not depend on the number of hosts."""
+    rows, local = _process_rows(batch_size, shard)
+
+    def take(records: list) -> dict[str, np.ndarray]:
+        mine = [encode(r) for r in records[rows]]
+        return _stack(local, mine, placeholder=None if mine else encode(records[0]))
+
+    ds = ds.batch(batch_size, drop_remainder=num_epochs is None, batch_fn=list).map(take)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4))
 
 
@@ -184,10 +207,8 @@ def _pipeline(
     shard: tuple[int, int] | None,
     threads: int,
 ) -> grain.IterDataset:
-    ds = _records(source, seed, shuffle, num_epochs, shard).map(
-        lambda r: None if r is None else encode(decode(r, kind))
-    )
-    return _batched(ds, batch_size, num_epochs, threads)
+    records = _records(source, seed, shuffle, num_epochs)
+    return _batched(records, lambda r: encode(decode(r, kind)), batch_size, num_epochs, shard, threads)
 
 
 def sft_batches(
@@ -246,8 +267,6 @@ def comparison_batches(
             index.append((i, winner, loser))
 
     def encode_pair(entry):
-        if entry is None:
-            return None
         i, winner, loser = entry
         row = decode(source[i], "comparisons")
         pair = {
@@ -257,8 +276,7 @@ def comparison_batches(
         }
         return encode_comparison(pair, fmt, k_max=2)
 
-    ds = _records(index, seed, shuffle, num_epochs, shard).map(encode_pair)
-    return _batched(ds, batch_size, num_epochs, threads)
+    return _batched(_records(index, seed, shuffle, num_epochs), encode_pair, batch_size, num_epochs, shard, threads)
 
 
 def pretrain_batches(
@@ -281,7 +299,10 @@ def pretrain_batches(
         _, ids = counter.truncate([], tokenizer.encode(text) + [tokenizer.eos_id], seq_len, min_prompt_tokens=0)
         return {"inputs": np.asarray(ids, np.int32)}
 
-    ds = _records(source, seed, True, None, shard).map(encode).to_iter_dataset(grain.ReadOptions(num_threads=threads))
+    # Which documents share a row depends on the rows before it, so every process packs the whole global
+    # stream (tokenizing every document) and keeps its own rows.
+    rows, _ = _process_rows(batch_size, shard)
+    ds = _records(source, seed, True, None).map(encode).to_iter_dataset(grain.ReadOptions(num_threads=threads))
     packed = grain.experimental.FirstFitPackIterDataset(
         ds, length_struct={"inputs": seq_len}, num_packing_bins=batch_size, seed=seed
     )
@@ -297,4 +318,4 @@ def pretrain_batches(
             "row_valid": np.ones((segments.shape[0],), np.int32),
         }
 
-    return packed.batch(batch_size, drop_remainder=True).map(to_batch)
+    return packed.batch(batch_size, drop_remainder=True).map(lambda b: to_batch({k: v[rows] for k, v in b.items()}))

@@ -1,0 +1,134 @@
+"""Ahead-of-time compilation for a TPU slice on this CPU machine (``instructjax/aot.py``): the tiny SFT, RM and
+PPO programs compile for v5e:2x2 with libtpu; the memory plan is positive and an FSDP-sharded state takes a
+quarter per chip; bad topologies and a missing libtpu are clear errors; the TPU presets name consistent slices.
+
+CI installs only '.[test]' (no libtpu): the compiling tests skip there and run where '.[tpu]' is installed.
+"""
+
+import importlib.util
+import math
+
+import ml_collections
+import numpy as np
+import pytest
+from conftest import load_config, load_config_module
+
+from instructjax import aot
+from instructjax.model import ModelConfig, Transformer, count_params
+from instructjax.sharding import abstract_params
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
+TOPOLOGY = "v5e:2x2"
+
+
+@pytest.fixture(scope="module")
+def topology():
+    return aot.topology(TOPOLOGY)
+
+
+def _check_positive(report):
+    assert report["programs"]
+    for p in report["programs"]:
+        assert p.argument_bytes > 0 and p.output_bytes > 0 and p.code_bytes > 0, p
+        assert p.temp_bytes >= 0 and p.alias_bytes >= 0 and p.total_bytes > 0, p
+        assert p.flops > 0 and p.xla_flops > 0, p
+        assert p.total_bytes < report["hbm_bytes_per_device"], p
+
+
+@needs_libtpu
+def test_sft_step_argument_bytes_are_the_fsdp_sharded_state(topology):
+    # The tiny SFT config with TPU-lane-wide shards (512 / 4 = 128), so tile padding does not blur the count.
+    config = load_config("configs/sft.py", "tiny")
+    config.model.update(dict(d_model=512, n_heads=4, d_ff=1024))
+    config.batch_size = 8
+    report = aot.compile_config(config, topology, "train_step")
+    _check_positive(report)
+    (step,) = report["programs"]
+    assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    n = count_params(abstract_params(Transformer(ModelConfig.from_dict(config.model)), np.zeros((1, 8), np.int32)))
+    state = n * (4 + 4 + 4) / 4  # f32 params + Adam's two moments, a quarter per chip
+    assert 0.99 * state < step.argument_bytes < 1.05 * state, (step.argument_bytes, state)  # + batch, rng
+    assert step.alias_bytes > 0.95 * state  # the donated state is updated in place
+    # the matmul count holds the 6 N per token of a training step (plus attention and dropout-free extras)
+    assert step.flops > 0.9 * step.model_flops
+
+
+@needs_libtpu
+def test_tiny_rm_train_and_eval_steps_compile(topology):
+    config = load_config("configs/rm.py", "tiny")
+    config.batch_size = config.eval_batch_size = 8
+    report = aot.compile_config(config, topology, "all")
+    _check_positive(report)
+    train, evaluate = report["programs"]
+    assert (train.name, evaluate.name) == ("rm train_step", "rm eval_step")
+    assert evaluate.resident_bytes > 0 and evaluate.alias_bytes == 0  # Adam state beside it; params not donated
+
+
+@needs_libtpu
+def test_tiny_ppo_update_and_rollout_compile(topology):
+    config = load_config("configs/ppo.py", "tiny_ptx")
+    with config.unlocked():
+        config.aot = ml_collections.ConfigDict()
+        config.aot.policy_model = load_config("configs/sft.py", "tiny").model
+        config.aot.value_model = load_config("configs/rm.py", "tiny").model
+    report = aot.compile_config(config, topology, "all")
+    _check_positive(report)
+    names = [p.name for p in report["programs"]]
+    assert names == ["ppo train_step (minibatch update)", "ppo rollout: generate", "ppo rollout: score"]
+    update, generate, score = report["programs"]
+    assert update.resident_bytes > 0 and generate.resident_bytes > update.resident_bytes  # frozen models; + Adam
+    data = aot.report_dict(report)
+    assert data["fits"] and all(p["headroom_bytes"] > 0 for p in data["programs"])
+    assert "ppo train_step" in aot.format_table(report)
+
+
+def test_unknown_topology_and_missing_libtpu_are_clear_errors(monkeypatch):
+    with pytest.raises(ValueError, match="unknown TPU topology 'tpu-v5e-16'"):
+        aot.topology("tpu-v5e-16")
+    with pytest.raises(ValueError, match="unknown TPU topology 'v9:2x2'"):
+        aot.topology("v9:2x2")
+    monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match=r"pip install -e '\.\[tpu\]'"):
+        aot.topology("v5e:2x2")
+    with pytest.raises(ValueError, match="stage 'sft' has no rollout"):
+        aot.compile_config(load_config("configs/sft.py", "tiny"), "v5e:2x2", "rollout")
+
+
+@needs_libtpu
+def test_a_shape_libtpu_rejects_is_named():
+    with pytest.raises(ValueError, match="libtpu rejects TPU topology 'v5e:3x3'"):
+        aot.topology("v5e:3x3")
+
+
+def test_tpu_presets_name_a_slice_their_mesh_fills():
+    for name in load_config_module("configs/tpu.py").PRESETS:
+        config = load_config("configs/tpu.py", name)
+        family, shape = config.tpu_slice.split(":")
+        assert family in aot.HBM_GIB_PER_CHIP
+        assert math.prod(config.mesh_shape) == math.prod(int(s) for s in shape.split("x")), name
+        assert config.model.scan_layers if "model" in config else config.aot.policy_model.scan_layers
+
+
+def test_train_state_with_gradient_accumulation_is_created_sharded_and_steps():
+    # optax.MultiSteps holds an empty tuple (skip_state=()): the presets accumulate, so the state must shard.
+    import jax
+
+    from instructjax import optim, sharding, steps, train_sft
+
+    config = load_config("configs/sft.py", "tiny")
+    config.optim.grad_accum_steps = 2
+    mesh, rules = sharding.make_mesh((1, 4, 2)), sharding.as_rules(config.rules)
+    model = Transformer(ModelConfig.from_dict(config.model))
+    tx = optim.make_optimizer(config.optim, 10)
+    init = lambda r: model.init(r, np.zeros((1, 8), np.int32))["params"]  # noqa: E731
+    state, state_sh = steps.create_train_state(init, tx, mesh, rules, seed=0)
+    step = steps.make_train_step(
+        train_sft.make_loss_fn(model, ModelConfig.from_dict(config.model), config), tx, state_sh
+    )
+    batch = {k: np.ones((8, 16), np.int32) for k in ("tokens", "mask", "loss_mask")}
+    with sharding.use(mesh, rules):
+        for _ in range(2):
+            state, out = step(state, sharding.to_global(batch, mesh, rules))
+    assert bool(out["finite"]) and int(state.opt_state.gradient_step) == 1
+    assert jax.tree.structure(state) == jax.tree.structure(state_sh)
