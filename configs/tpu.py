@@ -33,7 +33,6 @@ sft_presets = sibling(__file__, "sft")
 rm_presets = sibling(__file__, "rm")
 ppo_presets = sibling(__file__, "ppo")
 
-SIZES = ("1p3b", "6p7b", "llama3_8b")
 _MODEL = {"1p3b": "gpt3_1p3b", "6p7b": "gpt3_6p7b", "llama3_8b": "llama3_8b"}
 _PAPER = {"1p3b": "paper_1p3b", "6p7b": "paper_6b", "llama3_8b": "paper_6b"}  # which paper setting a size uses
 
@@ -48,10 +47,10 @@ SLICES = {
     "rm_1p3b": dict(tpu_slice="v5e:2x2", mesh_shape=(1, 2, 2), batch_size=2, grad_accum_steps=32),
     "rm_6p7b": dict(tpu_slice="v5e:4x8", mesh_shape=(1, 4, 8), batch_size=4, grad_accum_steps=16),
     "rm_llama3_8b": dict(tpu_slice="v5e:4x8", mesh_shape=(1, 4, 8), batch_size=4, grad_accum_steps=16),
-    # PPO: the paper's minibatch of 64 episodes (+ 8 x 64 pretraining rows) in micro-batches of one episode and
-    # 8 pretraining rows per batch shard; the slice is set by the rollout (512 x 2k-token KV cache) and by the
-    # four models' state.
-    "ppo_ptx_1p3b": dict(tpu_slice="v5e:8x8", mesh_shape=(1, 16, 4), minibatch_size=16, grad_accum_steps=4),
+    # PPO: the slice is set by the rollout (a KV cache of 512 x 2k tokens; the 6.7B value model and RM over them)
+    # and the four models' state. An update step holds one episode and 8 pretraining rows per batch shard: the
+    # paper's minibatch of 64 episodes (+ 8 x 64 rows) in one step on 64 batch shards, else in micro-batches.
+    "ppo_ptx_1p3b": dict(tpu_slice="v5e:8x8", mesh_shape=(1, 64, 1)),
     "ppo_ptx_6p7b": dict(tpu_slice="v5e:8x16", mesh_shape=(1, 32, 4), minibatch_size=32, grad_accum_steps=2),
     "ppo_ptx_llama3_8b": dict(tpu_slice="v5e:8x8", mesh_shape=(1, 8, 8), minibatch_size=8, grad_accum_steps=8),
 }
@@ -67,8 +66,7 @@ def _model(size: str, head: str = "lm") -> ml_collections.ConfigDict:
 def _mesh(c: ml_collections.ConfigDict, name: str, vocab_size: int) -> None:
     c.tpu_slice = SLICES[name]["tpu_slice"]  # the smallest TPU slice this preset compiles for and fits on
     c.mesh_shape = SLICES[name]["mesh_shape"]
-    tensor = c.mesh_shape[2]
-    if vocab_size % tensor:  # GPT-3's 50257 = 29 x 1733 splits over no tensor axis: keep the vocab whole
+    if vocab_size % 8:  # GPT-3's 50257 = 29 x 1733 splits over no tensor axis of 2, 4 or 8: keep it whole
         c.rules = [[name_, None if name_ == "vocab" else axes] for name_, axes in c.rules]
 
 

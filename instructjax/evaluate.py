@@ -153,7 +153,9 @@ def pretrain_nll(stage: Stage, text_file: str | pathlib.Path, seq_len: int = 128
     seq_len = min(seq_len, stage.model_cfg.max_len)  # rows longer than the model's context would read junk
     source = tfds_builder.build("pretrain", {"heldout": text_file}, cache)["heldout"]
     divisor = sharding.batch_divisor(stage.mesh, stage.rules)
-    it = iter(pipeline.pretrain_batches(source, stage.tokenizer, seq_len, 2 * divisor * -(-8 // divisor), seed=0))
+    block = sharding.batch_block(stage.mesh, stage.rules)
+    rows = 2 * divisor * -(-8 // divisor)
+    it = iter(pipeline.pretrain_batches(source, stage.tokenizer, seq_len, rows, 0, shard=block))
     model = Transformer(stage.model_cfg)
 
     @jax.jit

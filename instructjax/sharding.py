@@ -212,16 +212,48 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
     return sharding_for(mesh, rules, ("batch",) + (None,) * (ndim - 1))
 
 
-def to_global(local_batch: Any, mesh: Mesh, rules: Rules) -> Any:
-    """Host-local numpy batch (this process's rows) -> global jax arrays sharded along the batch.
+def batch_blocks(shards_of_process: dict[int, set[int]], num_shards: int) -> dict[int, tuple[int, int]]:
+    """Which rows each process feeds: ``{process: (i, n)}``, block ``i`` of ``n`` equal contiguous blocks of
+    every global batch, given the batch shards (``0 .. num_shards-1``) each process's devices hold.
 
-    On one host this is a ``device_put``; on many, each process passes its own rows and the global
-    batch is their concatenation in process order.
+    Usually every process holds its own shards and ``n`` is the process count. When a batch shard spans
+    several processes (a ``tensor`` axis wider than a host's chips, e.g. mesh (1, 8, 8) on 4-chip v5e hosts),
+    those processes hold the same block and must feed the same rows; ``n`` is then the number of distinct
+    blocks. A layout whose blocks are not equal, contiguous and disjoint cannot be fed row-wise: an error."""
+    blocks = sorted({tuple(sorted(held)) for held in shards_of_process.values()})
+    size = len(blocks[0])
+    contiguous = all(b == tuple(range(b[0], b[0] + size)) for b in blocks)
+    if not contiguous or [i for b in blocks for i in b] != list(range(num_shards)):
+        raise ValueError(
+            f"the processes hold batch shards {dict(sorted(shards_of_process.items()))} of {num_shards}: not equal "
+            "contiguous blocks, so no process can feed its rows of a batch; change the mesh shape or device order"
+        )
+    return {process: (blocks.index(tuple(sorted(held))), len(blocks)) for process, held in shards_of_process.items()}
+
+
+def batch_block(mesh: Mesh, rules: Rules) -> tuple[int, int]:
+    """``(i, n)``: this process feeds block ``i`` of ``n`` equal blocks of rows of every global batch
+    (``batch_blocks``); what the data pipelines take as ``shard``. ``(0, 1)`` on one host."""
+    num_shards = batch_divisor(mesh, rules)
+    held: dict[int, set[int]] = {}
+    for device, (rows,) in batch_sharding(mesh, rules, 1).devices_indices_map((num_shards,)).items():
+        held.setdefault(device.process_index, set()).add(rows.start or 0)
+    return batch_blocks(held, num_shards)[jax.process_index()]
+
+
+def to_global(local_batch: Any, mesh: Mesh, rules: Rules) -> Any:
+    """Host-local numpy batch (this process's block of rows, ``batch_block``) -> global jax arrays sharded
+    along the batch.
+
+    On one host this is a ``device_put``; on many, the global batch is the processes' blocks in block order
+    (processes that share a block pass the same rows).
     """
+    _, blocks = batch_block(mesh, rules)
 
     def put(x):
         x = np.asarray(x)
-        return jax.make_array_from_process_local_data(batch_sharding(mesh, rules, x.ndim), x)
+        shape = (x.shape[0] * blocks, *x.shape[1:])
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, rules, x.ndim), x, shape)
 
     return jax.tree.map(put, local_batch)
 

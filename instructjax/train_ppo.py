@@ -243,27 +243,34 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     if config.batch_size % config.minibatch_size:
         raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of minibatch_size")
     prompt_src = tfds_builder.build("prompts", {"train": world / data.prompts_file}, cache, data.skip_bad)["train"]
-    iters = {"prompts": iter(pipeline.prompt_batches(prompt_src, fmt, config.batch_size, config.seed))}
-    ptx_rows = 0
-    if config.ptx_coef > 0:
-        ptx_rows = sharding.batch_divisor(mesh, rules) * math.ceil(
-            config.ptx_ratio * config.minibatch_size / sharding.batch_divisor(mesh, rules)
-        )
+    block = sharding.batch_block(mesh, rules)  # this process's rows of every batch
+    iters = {"prompts": iter(pipeline.prompt_batches(prompt_src, fmt, config.batch_size, config.seed, shard=block))}
+    ptx_rows = ptx_rows_per_minibatch(config, sharding.batch_divisor(mesh, rules))
+    if ptx_rows:
         ptx_src = tfds_builder.build("pretrain", {"train": world / data.pretrain_file}, cache)["train"]
-        iters["ptx"] = iter(pipeline.pretrain_batches(ptx_src, tokenizer, data.ptx_len, ptx_rows, config.seed + 1))
+        iters["ptx"] = iter(
+            pipeline.pretrain_batches(ptx_src, tokenizer, data.ptx_len, ptx_rows, config.seed + 1, shard=block)
+        )
     eval_prompts = [json.loads(line)["prompt"] for line in (world / data.eval_prompts_file).read_text().splitlines()]
     eval_prompts = eval_prompts[: config.eval_prompts]
     gold_score = _gold_scorer(world)
     if config.reward == "gold" and gold_score is None:
         raise ValueError(f"config.reward='gold' needs the synthetic world's gold score; {world} has no world.json")
-    minibatches = config.batch_size // config.minibatch_size
+    minibatches = config.batch_size // config.minibatch_size  # update steps per epoch (micro-batches)
+    for name in ("optim", "value_optim"):
+        if minibatches % config[name].grad_accum_steps:
+            raise ValueError(
+                f"config.{name}.grad_accum_steps={config[name].grad_accum_steps} must divide the {minibatches} "
+                "minibatches of an epoch (an optimizer update may not span two rollouts)"
+            )
     total_steps = config.num_iterations or math.ceil(config.total_episodes / config.batch_size)
-    total_updates = total_steps * config.ppo_epochs * minibatches
+    total_micro = total_steps * config.ppo_epochs * minibatches
 
     # ----------------------------------------------------------------- Sharded state: four parameter sets
-    tx_policy = optim.make_optimizer(config.optim, total_updates)
-    policy_lr = optim.lr_schedule(config.optim, total_updates)  # for the log
-    tx_value = optim.make_optimizer(config.value_optim, total_updates)
+    # The schedules count optimizer updates: micro-batches / grad_accum_steps.
+    tx_policy = optim.make_optimizer(config.optim, total_micro // config.optim.grad_accum_steps)
+    policy_lr = optim.lr_schedule(config.optim, total_micro // config.optim.grad_accum_steps)  # for the log
+    tx_value = optim.make_optimizer(config.value_optim, total_micro // config.value_optim.grad_accum_steps)
     new_state = make_new_state(config, tx_policy, tx_value)
     rng_data = jax.random.key_data(jax.random.key(config.seed))
     shapes, state_sh = abstract_state(new_state, policy_model, value_model, rng_data, mesh, rules)
@@ -358,7 +365,7 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
             total_steps=total_steps,
             select=("val_rm_score", "max"),
             start_info={"params": n_params, "ptx_rows_per_minibatch": ptx_rows, "minibatches": minibatches},
-            lr_fn=lambda it: policy_lr(it * config.ppo_epochs * minibatches),
+            lr_fn=lambda it: policy_lr(it * config.ppo_epochs * minibatches // config.optim.grad_accum_steps),
             flops_per_token=0.0,
             started_at=wall_start,
             eval_at_start=True,

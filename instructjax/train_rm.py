@@ -66,18 +66,26 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     sharding.check_batch_size("config.eval_batch_size", config.eval_batch_size, mesh, rules)
     files = {"train": world / config.data.train_file, "valid": world / config.data.valid_file}
     src = tfds_builder.build("comparisons", files, cache, config.data.skip_bad)
+    block = sharding.batch_block(mesh, rules)  # this process's rows of every batch
     train_iter = pipeline.comparison_batches(
         src["train"], fmt, config.batch_size, config.seed, k_max=config.data.k_max,
-        pairs_as_examples=config.data.pairs_as_examples,
+        pairs_as_examples=config.data.pairs_as_examples, shard=block,
     )  # fmt: skip
     iters = {"train": iter(train_iter)}
     eval_batches = list(
         pipeline.comparison_batches(
-            src["valid"], fmt, config.eval_batch_size, 0, k_max=config.data.k_max, shuffle=False, num_epochs=1
+            src["valid"],
+            fmt,
+            config.eval_batch_size,
+            0,
+            k_max=config.data.k_max,
+            shuffle=False,
+            num_epochs=1,
+            shard=block,
         )
     )
     if (world / "world.json").exists():  # the synthetic world: its gold score orders the validation pairs
-        _add_gold_pair_masks(eval_batches, src["valid"], config.data.k_max)
+        _add_gold_pair_masks(eval_batches, src["valid"], config.data.k_max, block)
     if config.data.pairs_as_examples:
         train_size = sum(len(formats.ranking_pairs(_ranking(src["train"][i]))) for i in range(len(src["train"])))
     else:
@@ -205,11 +213,11 @@ def _from_policy(policy_workdir: str, rm_params: Any, cfg: ModelConfig, mesh, ru
     return {name: rm_params[name] if name == "score_head" else loaded[name] for name in rm_params}
 
 
-def _add_gold_pair_masks(batches: list[dict], source: Any, k_max: int) -> None:
+def _add_gold_pair_masks(batches: list[dict], source: Any, k_max: int, block: tuple[int, int]) -> None:
     """Attach ``gold_pair_mask [B,K,K]`` (i's gold score above j's) to the validation batches, in place.
 
     The batches come from ``comparison_batches(shuffle=False, num_epochs=1)``: row r of this process's
-    batch n is record ``(n · processes + process_index) · rows + r`` (``pipeline._process_rows``), padding
+    batch n is record ``(n · blocks + block) · rows + r`` (``block``: ``sharding.batch_block``), padding
     rows after the end.
     """
     from instructjax.data import world
@@ -218,7 +226,7 @@ def _add_gold_pair_masks(batches: list[dict], source: Any, k_max: int) -> None:
         rows = batch["tokens"].shape[0]
         gold = np.zeros((rows, k_max, k_max), np.int32)
         for r in range(rows):
-            record = (n * jax.process_count() + jax.process_index()) * rows + r
+            record = (n * block[1] + block[0]) * rows + r
             if record >= len(source) or not batch["row_valid"][r]:
                 continue
             row = tfds_builder.decode(source[record], "comparisons")
@@ -238,8 +246,9 @@ def _mean_demo_reward(model, params, source, fmt, batch_size, mesh, rules) -> fl
         r = reward.sequence_rewards(model, params, batch["tokens"], batch["mask"])
         return (r * batch["row_valid"]).sum(), batch["row_valid"].sum()
 
+    block = sharding.batch_block(mesh, rules)
     with sharding.use(mesh, rules):
-        for batch in pipeline.sft_batches(source, fmt, batch_size, 0, shuffle=False, num_epochs=1):
+        for batch in pipeline.sft_batches(source, fmt, batch_size, 0, shuffle=False, num_epochs=1, shard=block):
             s, n = rewards(params, sharding.to_global(batch, mesh, rules))
             total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)

@@ -73,40 +73,33 @@ def train(config: Any, workdir: str | pathlib.Path, score_fn: Callable[[Any], fl
     batch_size = config.batch_size
     sharding.check_batch_size("config.batch_size", batch_size, mesh, rules)
     sharding.check_batch_size("config.eval_batch_size", config.eval_batch_size, mesh, rules)
+    block = sharding.batch_block(mesh, rules)  # this process's rows of every batch
+
+    def packed(source, rows: int, seed: int):  # packed pretraining rows of max_len tokens
+        return pipeline.pretrain_batches(source, tokenizer, config.data.max_len, rows, seed, counter=fmt.counter,
+                                         shard=block)  # fmt: skip
+
     ptx_rows = 0
     if pretraining:
         files = {"train": world / config.data.pretrain_file, "valid": world / config.data.pretrain_valid_file}
         src = tfds_builder.build("pretrain", files, cache, config.data.skip_bad)
-        iters = {
-            "train": iter(
-                pipeline.pretrain_batches(
-                    src["train"], tokenizer, config.data.max_len, batch_size, config.seed, counter=fmt.counter
-                )
-            )
-        }
-        eval_iter = pipeline.pretrain_batches(
-            src["valid"], tokenizer, config.data.max_len, config.eval_batch_size, seed=12345, counter=fmt.counter
-        )
-        eval_batches = list(_take(iter(eval_iter), config.eval_batches or 8))
+        iters = {"train": iter(packed(src["train"], batch_size, config.seed))}
+        eval_batches = list(_take(iter(packed(src["valid"], config.eval_batch_size, 12345)), config.eval_batches or 8))
         # A packed row holds several documents: count epochs in tokens, approximated by documents per row.
         train_size = math.ceil(len(src["train"]) / max(1.0, _docs_per_row(eval_batches)))
     else:
         files = {"train": world / config.data.train_file, "valid": world / config.data.valid_file}
         src = tfds_builder.build("demos", files, cache, config.data.skip_bad)
-        iters = {"train": iter(pipeline.sft_batches(src["train"], fmt, batch_size, config.seed))}
+        iters = {"train": iter(pipeline.sft_batches(src["train"], fmt, batch_size, config.seed, shard=block))}
         eval_batches = list(
-            pipeline.sft_batches(src["valid"], fmt, config.eval_batch_size, 0, shuffle=False, num_epochs=1)
+            pipeline.sft_batches(src["valid"], fmt, config.eval_batch_size, 0, shuffle=False, num_epochs=1, shard=block)
         )
         train_size = len(src["train"])
         if config.data.ptx_fraction > 0:
             # Pretraining rows per step, rounded up to whole batch shards; the share used is logged.
             ptx_rows = ptx_rows_per_step(batch_size, config.data.ptx_fraction, sharding.batch_divisor(mesh, rules))
             ptx_src = tfds_builder.build("pretrain", {"train": world / config.data.pretrain_file}, cache)["train"]
-            iters["ptx"] = iter(
-                pipeline.pretrain_batches(
-                    ptx_src, tokenizer, config.data.max_len, ptx_rows, config.seed + 1, counter=fmt.counter
-                )
-            )
+            iters["ptx"] = iter(packed(ptx_src, ptx_rows, config.seed + 1))
     accum = config.optim.grad_accum_steps
     total_steps = config.num_steps or math.ceil(config.num_epochs * train_size / (batch_size * accum))
 

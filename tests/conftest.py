@@ -78,6 +78,20 @@ def rm_dir(small_world, sft_dir, tmp_path_factory):
     return workdir
 
 
+def step_of_running_job(workdir: pathlib.Path) -> int:
+    """The latest checkpointed step of a job that is still writing (0 if none yet). Orbax lists the steps,
+    then reads each one's metadata: a step the job garbage-collects in between (keep-N) is gone by then,
+    so that read is retried."""
+    from instructjax import checkpoint
+
+    for _ in range(100):
+        try:
+            return checkpoint.final_step(workdir) or 0
+        except FileNotFoundError:
+            continue
+    raise RuntimeError(f"the checkpoints of {workdir} kept vanishing while read")
+
+
 def kill_after_checkpoint(script: str, args: list[str], workdir: pathlib.Path, step: int) -> int:
     """Run ``script`` (Python source; ``tests/`` on its path) in a child process, SIGKILL it once ``workdir``
     holds a checkpoint at or past ``step``, and return the last checkpointed step (a crash mid-training)."""
@@ -95,7 +109,7 @@ def kill_after_checkpoint(script: str, args: list[str], workdir: pathlib.Path, s
         [sys.executable, str(path), *map(str, args)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 240
-    while (checkpoint.final_step(workdir) or 0) < step and time.time() < deadline and child.poll() is None:
+    while step_of_running_job(workdir) < step and time.time() < deadline and child.poll() is None:
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
     child.wait()

@@ -11,9 +11,9 @@ import math
 import ml_collections
 import numpy as np
 import pytest
-from conftest import load_config, load_config_module
+from conftest import REPO, load_config, load_config_module
 
-from instructjax import aot
+from instructjax import aot, configlib
 from instructjax.model import ModelConfig, Transformer, count_params
 from instructjax.sharding import abstract_params
 
@@ -132,3 +132,20 @@ def test_train_state_with_gradient_accumulation_is_created_sharded_and_steps():
             state, out = step(state, sharding.to_global(batch, mesh, rules))
     assert bool(out["finite"]) and int(state.opt_state.gradient_step) == 1
     assert jax.tree.structure(state) == jax.tree.structure(state_sh)
+
+
+def test_sweep_tables_show_every_row_and_name_what_was_not_compiled():
+    # scripts/aot_sweep.py renders docs/scaling.md's tables: a compiled row, a compiler crash, a missing row.
+    sweep = configlib.load_module(REPO / "scripts/aot_sweep.py")
+    presets = load_config_module("configs/tpu.py").PRESETS
+    assert all(p in presets for p in sweep.PRESETS)
+    program = dict(name="sft train_step", argument_bytes=2 * aot.GiB, temp_bytes=10 * aot.GiB, resident_bytes=0,
+                   total_bytes=12 * aot.GiB, headroom_bytes=4 * aot.GiB, fits=True, flops=1.8e14,
+                   compile_seconds=60.0, error="")  # fmt: skip
+    compiled = {"topology": "v5e:2x2", "mesh": {"data": 1, "fsdp": 4, "tensor": 1}, "programs": [program]}
+    crashed = {"failed": "segmentation fault", "compiled_before": [["ppo rollout: generate", "16.19"]]}
+    text = sweep.tables({"preset:sft_1p3b": compiled, "smaller:ppo_ptx_1p3b": crashed})
+    assert "| sft_1p3b | v5e:2x2 | (1, 4, 1) | sft train_step | 2.00 | 10.00 | 0.00 | 12.00 | 4.00 | yes |" in text
+    assert "compiler crashed (segmentation fault) after: ppo rollout: generate 16.19 GiB" in text
+    assert text.count("not compiled") == len(sweep.ROWS) - 2
+    assert all(line.count("|") == 13 for line in text.splitlines() if line.startswith("|"))

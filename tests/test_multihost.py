@@ -14,7 +14,7 @@ import sys
 import time
 
 import numpy as np
-from conftest import REPO, load_config
+from conftest import REPO, load_config, step_of_running_job
 
 from instructjax import checkpoint, reward, train_ppo, train_rm, train_sft
 from instructjax.metrics import read_metrics
@@ -78,7 +78,7 @@ SFT = {"num_steps": 40, "checkpoint_every": 4, "eval_every": 20, "log_every": 1,
 
 def _wait_for_checkpoint(workdir, step: int, child: subprocess.Popen) -> None:
     deadline = time.time() + TIMEOUT
-    while (checkpoint.final_step(workdir) or 0) < step and time.time() < deadline and child.poll() is None:
+    while step_of_running_job(workdir) < step and time.time() < deadline and child.poll() is None:
         time.sleep(0.05)
 
 

@@ -167,7 +167,7 @@ def test_process_slices_make_up_the_single_process_batch(world_dir, fmt):
             for key, value in batch.items():
                 joined = np.concatenate([parts[0][n][key], parts[1][n][key]])
                 np.testing.assert_array_equal(joined, value, err_msg=f"{name} batch {n} {key}")
-    with pytest.raises(ValueError, match="not a multiple of the 3 processes"):
+    with pytest.raises(ValueError, match="not a multiple of the 3 blocks"):
         next(iter(pipeline.sft_batches(demos, fmt, 8, seed=0, shard=(0, 3))))
 
 

@@ -67,6 +67,25 @@ def test_host_local_batch_becomes_a_global_array_split_over_data_and_fsdp():
     np.testing.assert_array_equal(np.asarray(arr), local)
 
 
+def test_processes_that_share_a_batch_shard_feed_the_same_block_of_rows():
+    # 4 hosts of 2 devices with a tensor axis of 4 (as mesh (1, 8, 8) on 4-chip v5e hosts): every batch shard
+    # spans 2 hosts, so the batch splits into 2 blocks, each fed by the 2 hosts that hold it.
+    mesh = sharding.make_mesh((1, 2, 4))
+    held: dict[int, set[int]] = {}
+    for device, (rows,) in sharding.batch_sharding(mesh, sharding.DEFAULT_RULES, 1).devices_indices_map((2,)).items():
+        held.setdefault(device.id // 2, set()).add(rows.start)
+    blocks = sharding.batch_blocks(held, 2)
+    assert sorted(blocks.values()) == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    assert len({blocks[p] for p in (0, 1)}) == 1  # the hosts of one tensor group feed the same rows
+    # every host its own shards: a block each, in shard order
+    assert sharding.batch_blocks({1: {2, 3}, 0: {0, 1}}, 4) == {0: (0, 2), 1: (1, 2)}
+    assert sharding.batch_block(mesh, sharding.DEFAULT_RULES) == (0, 1)  # this single process
+    with pytest.raises(ValueError, match="not equal contiguous blocks"):
+        sharding.batch_blocks({0: {0, 2}, 1: {1, 3}}, 4)
+    with pytest.raises(ValueError, match="not equal contiguous blocks"):
+        sharding.batch_blocks({0: {0}, 1: {1, 2}}, 3)
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny_llama"])
 def test_golden_parameter_shardings(preset):
     """A change in how the tiny models shard on (data=2, fsdp=2, tensor=2) shows up as a diff here.

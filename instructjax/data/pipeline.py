@@ -152,15 +152,18 @@ def _stack(batch_size: int, elements: Sequence[dict[str, np.ndarray]], placehold
 
 
 def _process_rows(batch_size: int, shard: tuple[int, int] | None) -> tuple[slice, int]:
-    """This process's rows of every global batch: a contiguous ``batch_size / processes`` block, in process
-    order, as ``sharding.to_global`` (``make_array_from_process_local_data``) lays them out."""
+    """This process's rows of every global batch: block ``i`` of ``n`` contiguous ``batch_size / n`` blocks,
+    ``shard = (i, n)`` from ``sharding.batch_block`` (how ``sharding.to_global`` lays the blocks out). None
+    is one process; with several, the block depends on the mesh, so it must be given."""
     if shard is None:
         import jax
 
-        shard = (jax.process_index(), jax.process_count())
+        if jax.process_count() > 1:
+            raise ValueError("on several processes the data pipeline needs shard=sharding.batch_block(mesh, rules)")
+        shard = (0, 1)
     index, count = shard
     if batch_size % count:
-        raise ValueError(f"batch size {batch_size} is not a multiple of the {count} processes")
+        raise ValueError(f"batch size {batch_size} is not a multiple of the {count} blocks of rows the processes feed")
     rows = batch_size // count
     return slice(index * rows, (index + 1) * rows), rows
 
