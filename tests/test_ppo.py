@@ -228,6 +228,8 @@ def test_bad_ppo_config_errors(sft_dir, rm_dir, tmp_path):
         train_ppo.train(ppo_config(rm_dir, rm_dir), tmp_path / "b")
     with pytest.raises(ValueError, match="multiple of minibatch_size"):
         train_ppo.train(ppo_config(sft_dir, rm_dir, minibatch_size=24, batch_size=32), tmp_path / "c")
+    with pytest.raises(ValueError, match="grad_accum_steps=3 must divide the 2 minibatches"):
+        train_ppo.train(ppo_config(sft_dir, rm_dir, **{"optim.grad_accum_steps": 3}), tmp_path / "e")
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         train_ppo.train(ppo_config(tmp_path / "nowhere", rm_dir), tmp_path / "d")
     assert json.loads((tmp_path / "c" / "config.json").read_text())["minibatch_size"] == 24
