@@ -14,6 +14,7 @@ Axis types are ``Auto``: linen's ``with_logical_constraint`` fails on the ``Expl
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -231,6 +232,7 @@ def batch_blocks(shards_of_process: dict[int, set[int]], num_shards: int) -> dic
     return {process: (blocks.index(tuple(sorted(held))), len(blocks)) for process, held in shards_of_process.items()}
 
 
+@functools.cache  # to_global asks on every batch; the answer is fixed by the mesh and rules
 def batch_block(mesh: Mesh, rules: Rules) -> tuple[int, int]:
     """``(i, n)``: this process feeds block ``i`` of ``n`` equal blocks of rows of every global batch
     (``batch_blocks``); what the data pipelines take as ``shard``. ``(0, 1)`` on one host."""

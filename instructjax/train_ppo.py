@@ -264,13 +264,15 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
                 "minibatches of an epoch (an optimizer update may not span two rollouts)"
             )
     total_steps = config.num_iterations or math.ceil(config.total_episodes / config.batch_size)
-    total_micro = total_steps * config.ppo_epochs * minibatches
+    micro_per_iteration = config.ppo_epochs * minibatches
+    # The schedules count optimizer updates: micro-batches / grad_accum_steps.
+    policy_updates = total_steps * micro_per_iteration // config.optim.grad_accum_steps
+    value_updates = total_steps * micro_per_iteration // config.value_optim.grad_accum_steps
 
     # ----------------------------------------------------------------- Sharded state: four parameter sets
-    # The schedules count optimizer updates: micro-batches / grad_accum_steps.
-    tx_policy = optim.make_optimizer(config.optim, total_micro // config.optim.grad_accum_steps)
-    policy_lr = optim.lr_schedule(config.optim, total_micro // config.optim.grad_accum_steps)  # for the log
-    tx_value = optim.make_optimizer(config.value_optim, total_micro // config.value_optim.grad_accum_steps)
+    tx_policy = optim.make_optimizer(config.optim, policy_updates)
+    policy_lr = optim.lr_schedule(config.optim, policy_updates)  # for the log
+    tx_value = optim.make_optimizer(config.value_optim, value_updates)
     new_state = make_new_state(config, tx_policy, tx_value)
     rng_data = jax.random.key_data(jax.random.key(config.seed))
     shapes, state_sh = abstract_state(new_state, policy_model, value_model, rng_data, mesh, rules)
@@ -365,7 +367,7 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
             total_steps=total_steps,
             select=("val_rm_score", "max"),
             start_info={"params": n_params, "ptx_rows_per_minibatch": ptx_rows, "minibatches": minibatches},
-            lr_fn=lambda it: policy_lr(it * config.ppo_epochs * minibatches // config.optim.grad_accum_steps),
+            lr_fn=lambda it: policy_lr(it * micro_per_iteration // config.optim.grad_accum_steps),
             flops_per_token=0.0,
             started_at=wall_start,
             eval_at_start=True,
