@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.max_prompt_len = 16
     c.data.prompt_template = "{prompt}"  # must match the policy's
     c.data.k_max = 9  # completions per batch element (the paper's K is 4..9); fewer are masked
+    c.data.train_records = 0  # the first N rankings of train_file only (Gao et al.'s comparison counts); 0 = all
     c.data.pairs_as_examples = False  # the §3.5 ablation: each pair its own example, shuffled across the data
     c.data.skip_bad = False
 

@@ -152,8 +152,9 @@ def best_of_n(
 
     ``max(ns)`` samples per prompt at temperature 1; for each n, ``draws`` random subsets of n samples per
     prompt, and of each subset the RM's favourite (``rm_pick_gold``) and the gold-best (``oracle_gold``,
-    what a perfect RM would pick), averaged. ``kl`` is best-of-n's analytic KL to the policy,
-    log n - (n - 1)/n. An RM that cannot rank the policy's samples gives ``rm_pick_gold`` flat in n.
+    what a perfect RM would pick), averaged; ``rm_pick_score`` is the RM's (the proxy's) score of its pick.
+    ``kl`` is best-of-n's analytic KL to the policy, log n - (n - 1)/n. An RM that cannot rank the policy's
+    samples gives ``rm_pick_gold`` flat in n.
     """
     total = max(ns)
     golds, scores = np.zeros((len(prompts), total)), np.zeros((len(prompts), total))
@@ -166,12 +167,21 @@ def best_of_n(
         scores[:, s] = score_texts(rm, prompts, texts, stopped)
     rng, rows, out = np.random.default_rng(seed), np.arange(len(prompts)), []
     for n in ns:
-        picks, oracle = [], []
+        picks, pick_scores, oracle = [], [], []
         for _ in range(draws):
             subset = np.stack([rng.choice(total, size=n, replace=False) for _ in rows])  # [prompts, n]
             chosen = subset[rows, np.argmax(scores[rows[:, None], subset], axis=1)]
             picks.append(golds[rows, chosen].mean())
+            pick_scores.append(scores[rows, chosen].mean())
             oracle.append(golds[rows[:, None], subset].max(axis=1).mean())
         kl = float(np.log(n) - (n - 1) / n)
-        out.append({"n": n, "kl": kl, "rm_pick_gold": float(np.mean(picks)), "oracle_gold": float(np.mean(oracle))})
+        out.append(
+            {
+                "n": n,
+                "kl": kl,
+                "rm_pick_gold": float(np.mean(picks)),
+                "rm_pick_score": float(np.mean(pick_scores)),
+                "oracle_gold": float(np.mean(oracle)),
+            }
+        )
     return out

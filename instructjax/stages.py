@@ -19,6 +19,7 @@ import dataclasses
 import json
 import pathlib
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -53,7 +54,8 @@ DATA_FILES = (
 )
 
 
-def _finished(stage_dir: pathlib.Path) -> dict | None:
+def finished_summary(stage_dir: pathlib.Path) -> dict | None:
+    """A stage's ``summary.json`` if it finished (status ``done``), else None: a finished stage is skipped."""
     path = stage_dir / "summary.json"
     if path.exists():
         summary = json.loads(path.read_text())
@@ -61,13 +63,22 @@ def _finished(stage_dir: pathlib.Path) -> dict | None:
     return None
 
 
-def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
+def train_stages(
+    config: Any, workdir: str | pathlib.Path, names: Sequence[str] | None = None
+) -> tuple[pathlib.Path, dict[str, pathlib.Path], dict[str, float]]:
+    """The world (or ``config.data_dir``), then the stages in ``names`` (default: all of ``STAGES``), each
+    skipped when finished and resumed when interrupted. A stage's upstream must be among ``names`` or
+    finished. Returns the world's directory, every stage's workdir and the seconds per stage run."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1) + "\n")
+    names = [name for name, _ in STAGES] if names is None else list(names)
+    unknown = sorted(set(names) - {name for name, _ in STAGES})
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}: the pipeline's are {[name for name, _ in STAGES]}")
     seconds: dict[str, float] = {}
     job_start = time.perf_counter()
-    steps = ["world", *(name for name, _ in STAGES), "evaluation"]
+    steps = ["world", *(name for name, _ in STAGES), "evaluation"]  # numbered as in the whole job
 
     def announce(name: str, what: str) -> str:
         label = f"[{steps.index(name) + 1}/{len(steps)}] {name}"
@@ -88,7 +99,6 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
             announce("world", f"writing {world_dir}")
             world.write_world(world_dir, seed=config.seed, sizes=world.WorldSizes(**config.world.to_dict()))
     seconds["world"] = time.perf_counter() - start
-    has_gold = (world_dir / "world.json").exists()  # the gold score is the synthetic world's; your data has none
     stage_dirs = {name: workdir / name for name, _ in STAGES}
     base_model = None
     if config.base_from:  # e.g. a Hugging Face model imported with scripts/convert_hf.py
@@ -100,12 +110,14 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
 
     # ------------------------------------------------------------------ training stages
     for name, init_from in STAGES:
+        if name not in names:
+            continue
         stage_dir = stage_dirs[name]
         if name == "base" and config.base_from:
             announce(name, f"given: {stage_dir}")
             seconds[name] = 0.0
             continue
-        summary = _finished(stage_dir)
+        summary = finished_summary(stage_dir)
         if summary is not None:
             announce(name, f"finished earlier ({summary['wall_seconds']:.0f} s), skipped")
             seconds[name] = summary["wall_seconds"]
@@ -134,8 +146,18 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         seconds[name] = summary["wall_seconds"]
         announce(name, f"done in {_clock(seconds[name])}")
 
+    return world_dir, stage_dirs, seconds
+
+
+def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """The whole job: ``train_stages`` for every stage, then the evaluation, ``results.json`` and the report."""
+    workdir = pathlib.Path(workdir)
+    world_dir, stage_dirs, seconds = train_stages(config, workdir)
+    has_gold = (world_dir / "world.json").exists()  # the gold score is the synthetic world's; your data has none
+    label = f"[pipeline] [{len(STAGES) + 2}/{len(STAGES) + 2}] evaluation"  # after the world and every stage
+    print(f"{label}: {len(POLICIES)} models on {config.eval.prompts} test prompts", flush=True)
+
     # ------------------------------------------------------------------ evaluation
-    announce("evaluation", f"{len(POLICIES)} models on {config.eval.prompts} test prompts")
     start = time.perf_counter()
     prompts = [json.loads(line)["prompt"] for line in (world_dir / "prompts_test.jsonl").read_text().splitlines()]
     prompts = prompts[: config.eval.prompts]
@@ -170,7 +192,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     _plot_curves(workdir, stage_dirs)
     _report(workdir, results, models, config.eval.samples_in_report)
-    announce("evaluation", f"done in {_clock(seconds['evaluation'])}; report: {workdir / 'report.md'}")
+    print(f"{label}: done in {_clock(seconds['evaluation'])}; report: {workdir / 'report.md'}", flush=True)
     return results
 
 

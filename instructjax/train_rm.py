@@ -29,6 +29,7 @@ import pathlib
 import time
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,6 +67,13 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     sharding.check_batch_size("config.eval_batch_size", config.eval_batch_size, mesh, rules)
     files = {"train": world / config.data.train_file, "valid": world / config.data.valid_file}
     src = tfds_builder.build("comparisons", files, cache, config.data.skip_bad)
+    if config.data.train_records:  # a smaller comparison set, as in Gao et al.'s data-size sweep
+        if config.data.train_records > len(src["train"]):
+            raise ValueError(
+                f"config.data.train_records={config.data.train_records} but {files['train']} has "
+                f"{len(src['train'])} rankings"
+            )
+        src["train"] = grain.MapDataset.source(src["train"])[: config.data.train_records]
     block = sharding.batch_block(mesh, rules)  # this process's rows of every batch
     train_iter = pipeline.comparison_batches(
         src["train"], fmt, config.batch_size, config.seed, k_max=config.data.k_max,

@@ -1,5 +1,5 @@
 """The main job end to end on the quick preset; a rerun skips every finished stage; the quickstart
-notebook runs against the same job."""
+notebook runs against the same job; a small ablation sweep uses the job's stages as its upstream."""
 
 import json
 import pathlib
@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, load_config
+from conftest import REPO, load_config, load_config_module
 
-from instructjax import stages, train_ppo, train_rm, train_sft
+from instructjax import ablate, stages, train_ppo, train_rm, train_sft
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +129,64 @@ def test_pipeline_on_your_data_from_an_imported_hf_model(quick_job, tmp_path):
     (data / "prompts_test.jsonl").unlink()  # a missing file is named before anything runs
     with pytest.raises(FileNotFoundError, match="lacks prompts_test.jsonl"):
         stages.run(config, tmp_path / "job2")
+
+
+def _small_sweep(pipeline, upstream: pathlib.Path):
+    """Gao et al.'s sweep shrunk: the quick job as upstream, one proxy RM, two seeds, PPO of 4 iterations."""
+    common = load_config_module("configs/ablations/common.py")
+    config = common.sweep_config("small", "a small sweep")
+    config.pipeline = pipeline
+    config.upstream_dir = str(upstream)
+    config.steps = ("rm", "best_of_n", "ppo")
+    config.points = ("rm.data.train_records=40",)
+    config.common = "ppo.num_iterations=4,rm.eval_every=2"
+    config.seeds, config.workers, config.rl_window = 2, 2, 1
+    config.figure = "overoptimization"
+    config.eval.update(dict(prompts=40, kl_prompts=16, batch_size=40, bon_prompts=16, bon_ns=(1, 2, 4)))
+    return config
+
+
+def test_small_ablation_sweep_a_failed_point_spares_the_others_and_a_rerun_skips(quick_job, tmp_path):
+    """``ablate.run`` with the quick job's stages as its upstream (finished: not trained again)."""
+    pipeline, upstream, _ = quick_job
+    workdir = tmp_path / "sweep"
+    config = _small_sweep(pipeline, upstream)
+    config.points = ("rm.data.train_records=40", "rm.data.train_records=1000")  # the world has 40 rankings
+    with pytest.raises(RuntimeError, match=r"2 of 4 runs failed[\s\S]*train_records=1000,rm.eval_every=2 seed 1: see"):
+        ablate.run(config, workdir)
+    points = upstream / "points" / "rm+best_of_n+ppo"
+    bad = points / "ppo.num_iterations=4,rm.data.train_records=1000,rm.eval_every=2" / "seed0"
+    assert "config.data.train_records=1000 but" in (bad / "log.txt").read_text()
+    runs = sorted(points.glob("*/seed*/result.json"))
+    assert len(runs) == 2 and all("train_records=40," in str(p) for p in runs)  # the good point's two seeds
+
+    stamps = {p: p.stat().st_mtime_ns for p in runs}
+    # ptx_coef 0.0 is the pipeline's own value: the same point, which this sweep names with one more key
+    config.points = ("rm.data.train_records=40,ppo.ptx_coef=0.0",)
+    summary = ablate.run(config, workdir)  # the finished runs are skipped: nothing is trained again
+    assert {p: p.stat().st_mtime_ns for p in runs} == stamps
+    assert summary["points"][0]["values"]["ppo.ptx_coef"] == 0.0  # this sweep's values, not the stored run's
+
+    (point,) = summary["points"]
+    assert point["label"] == "ppo.num_iterations=4,rm.data.train_records=40,rm.eval_every=2" and point["seeds"] == 2
+    assert len(point["gold_score"]["values"]) == 2 and 0.0 <= point["gold_score"]["mean"] <= 1.0
+    assert 0.0 <= point["gold_win_rate_vs_init"]["mean"] <= 1.0 and 0.0 <= point["val_accuracy"]["mean"] <= 1.0
+    assert point["kl_to_init"]["mean"] >= -1.0 and point["alignment_tax"]["mean"] > -10
+    assert [row["n"] for row in point["best_of_n"]["table"]] == [1, 2, 4]
+    assert point["best_of_n"]["fit"] is not None  # 3 values of n × 2 seeds
+    assert [len(s["d"]) for s in point["rl"]["per_seed"]] == [4, 4]
+    assert all(c["epoch"] > 0 for curve in point["rm_curves"] for c in curve)
+    seeds = [json.loads(p.read_text()) for p in runs]
+    assert seeds[0]["best_of_n"] != seeds[1]["best_of_n"]  # the seed reaches the point's stages
+    assert (workdir / "figure.png").stat().st_size > 10_000
+    table = (workdir / "table.md").read_text().splitlines()
+    assert len(table) == 3 and "rm.data.train_records=40" in table[2]
+    assert json.loads((workdir / "ablation.json").read_text())["points"][0]["label"] == point["label"]
+
+    # The same summary drawn as the other two kinds of figure and table (every key they read is real).
+    for figure, metrics in (("sweep", ("gold_score", "alignment_tax")), ("curves", ("val_loss", "val_accuracy"))):
+        other = config.copy_and_resolve_references()
+        other.figure, other.metrics, other.x, other.x_scale = figure, metrics, "ppo.ptx_coef", "symlog"
+        ablate.plot(other, summary, tmp_path / f"{figure}.png")
+        assert (tmp_path / f"{figure}.png").stat().st_size > 10_000
+        assert len(ablate.table(other, summary).splitlines()) == 4  # head, rule, the init's row, the point
