@@ -198,7 +198,8 @@ def _best_of_n(point: Point) -> list[dict[str, float]]:
     rm = reward.load_reward_model(point.ppo.rm_from)
     prompts = _prompts(point.upstream, point.eval.bon_prompts)
     ns = [int(n) for n in point.eval.bon_ns]
-    return reward.best_of_n(rm, policy, prompts, world.gold_score, ns, seed=point.seed)
+    # best_of_n draws sample s with seed + s: seeds 1,000 apart give each point's seeds disjoint samples
+    return reward.best_of_n(rm, policy, prompts, world.gold_score, ns, seed=1000 * point.seed)
 
 
 def _train_ppo(point: Point) -> dict[str, Any]:
@@ -299,7 +300,8 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     init = json.loads(init_file.read_text()) if "ppo" in config.steps else None
     # A shared point's result.json may come from another sweep: its values are this sweep's point's.
     summary = summarize(config, [{**results[p.workdir], "values": p.values} for p in points], init)
-    summary["seconds"] = time.perf_counter() - start
+    summary["call_seconds"] = time.perf_counter() - start  # this call's (finished points are not rerun)
+    summary["run_seconds"] = sum(r["seconds"] for r in results.values())  # every run's own time, added up
     (workdir / "ablation.json").write_text(json.dumps(summary, indent=1) + "\n")
     (workdir / "table.md").write_text(table(config, summary) + "\n")
     plot(config, summary, workdir / "figure.png")
@@ -543,6 +545,10 @@ def _plot_sweep(plt, config, summary):
             ax.set_xlim(left=-0.3 * linthresh)  # no negative half: the swept values are >= 0
         elif config.x_scale:
             ax.set_xscale(config.x_scale)
+        if config.x_scale:  # the swept values themselves as the ticks, not a log axis' decades
+            ticks = sorted({p["values"][config.x] for p in summary["points"]})
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=7)
+            ax.minorticks_off()
         ax.set_xlabel(config.x.split(".", 1)[1])
         ax.set_ylabel(METRIC_NAMES.get(metric, metric))
         ax.legend(fontsize=7)
