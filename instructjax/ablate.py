@@ -42,7 +42,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from instructjax import stages
+from instructjax import evaluate, metrics, reward, stages, train_ppo, train_rm
+from instructjax.data import world
 
 UPSTREAM = ("base", "sft", "rm", "ppo_init")
 STEPS = ("rm", "best_of_n", "ppo")  # what a point can train or measure, in this order
@@ -174,8 +175,6 @@ def _parts(result: dict) -> list[dict]:
 
 
 def _train_rm(point: Point) -> dict[str, Any]:
-    from instructjax import metrics, train_rm
-
     rm_dir = point.workdir / "rm"
     finished = stages.finished_summary(rm_dir)
     summary = finished or train_rm.train(point.rm, rm_dir)
@@ -191,9 +190,6 @@ def _train_rm(point: Point) -> dict[str, Any]:
 
 
 def _best_of_n(point: Point) -> list[dict[str, float]]:
-    from instructjax import evaluate, reward
-    from instructjax.data import world
-
     policy = evaluate.load_stage(point.upstream / "ppo_init", best=True)
     rm = reward.load_reward_model(point.ppo.rm_from)
     prompts = _prompts(point.upstream, point.eval.bon_prompts)
@@ -203,8 +199,6 @@ def _best_of_n(point: Point) -> list[dict[str, float]]:
 
 
 def _train_ppo(point: Point) -> dict[str, Any]:
-    from instructjax import metrics, reward, train_ppo
-
     ppo_dir = point.workdir / "ppo"
     finished = stages.finished_summary(ppo_dir)
     if finished is None:
@@ -220,21 +214,15 @@ def evaluate_policy(policy_dir: pathlib.Path, upstream: pathlib.Path, rm: Any, e
     """A policy on the first ``eval_config.prompts`` test prompts, greedy: gold and RM score (``rm``: the
     point's RM), stop rate, response words, per-prompt gold (for win rates), KL to ``ppo_init`` on its own
     samples (the first ``kl_prompts``) and the held-out pretraining NLL (the alignment tax's measure)."""
-    from instructjax import evaluate, reward
-
     init_dir = upstream / "ppo_init"
     is_init = pathlib.Path(policy_dir) == init_dir
     stage = evaluate.load_stage(policy_dir, best=is_init)
-    prompts = _prompts(upstream, eval_config.prompts)
-    kwargs = {"max_new_tokens": eval_config.max_new_tokens, "batch_size": eval_config.batch_size}
-    result = evaluate.gold_eval(stage, prompts, **kwargs)
-    samples = result.pop("samples")
-    texts, stopped = [r["response"] for r in samples], [r["stopped"] for r in samples]
-    result["rm_score"] = float(reward.score_texts(rm, prompts, texts, stopped, eval_config.batch_size).mean())
     reference = stage if is_init else evaluate.load_stage(init_dir, best=True)
-    result["kl_to_init"] = evaluate.kl_to_reference(stage, reference, prompts[: eval_config.kl_prompts], **kwargs)
-    result["pretrain_nll"] = evaluate.pretrain_nll(stage, upstream / "world" / "pretrain_heldout.jsonl")
-    result["gold_per_prompt"] = [r["gold"] for r in samples]
+    prompts, heldout = _prompts(upstream, eval_config.prompts), upstream / "world" / "pretrain_heldout.jsonl"
+    sizes = (eval_config.kl_prompts, eval_config.max_new_tokens, eval_config.batch_size)
+    result = evaluate.measure_policy(stage, reference, rm, prompts, heldout, *sizes)
+    result["kl_to_init"] = result.pop("kl_to_reference")
+    result["gold_per_prompt"] = [r["gold"] for r in result.pop("samples")]
     return result
 
 
@@ -261,8 +249,6 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     stages.train_stages(config.pipeline, upstream, UPSTREAM)
     init_file = upstream / "points" / "init" / "result.json"  # ppo_init itself: the reference of every PPO point
     if not init_file.exists() and "ppo" in config.steps:
-        from instructjax import reward
-
         init = evaluate_policy(upstream / "ppo_init", upstream, reward.load_reward_model(upstream / "rm"), config.eval)
         init_file.parent.mkdir(parents=True, exist_ok=True)
         init_file.write_text(json.dumps(init) + "\n")
@@ -275,24 +261,16 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         if p not in todo:
             results[p.workdir] = run_point(p)
     bar = tqdm(total=len(points), initial=len(points) - len(todo), desc=f"ablation {config.name}", unit="run")
-    if config.workers <= 1 or len(todo) <= 1:
-        pool = None
-        futures = {p: _Done(p) for p in todo}  # run one by one in this process, in order
-    else:  # spawn: a fresh interpreter per worker (jax does not survive fork)
-        pool = concurrent.futures.ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn"))
-        futures = {p: pool.submit(run_point, p) for p in todo}
-    for p, future in futures.items() if pool is None else _as_completed(futures):
+    for p, outcome in _finished_runs(todo, config.workers):
         bar.set_postfix_str(f"{p.label} seed {p.seed}")
-        try:
-            results[p.workdir] = future.result()
-        except Exception:
+        if isinstance(outcome, Exception):
             failed.append(f"{p.label} seed {p.seed}: see {p.workdir / 'log.txt'}")
             with open(p.workdir / "log.txt", "a") as log:
-                log.write(traceback.format_exc())
+                log.write("".join(traceback.format_exception(outcome)))
+        else:
+            results[p.workdir] = outcome
         bar.update()
     bar.close()
-    if pool is not None:
-        pool.shutdown()
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(points)} runs failed (the others are kept):\n" + "\n".join(failed))
 
@@ -309,20 +287,20 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     return summary
 
 
-class _Done:
-    """A future-like for the in-process path: runs the point when asked for its result."""
-
-    def __init__(self, point: Point):
-        self.point = point
-
-    def result(self) -> dict[str, Any]:
-        return run_point(self.point)
-
-
-def _as_completed(futures: dict[Point, concurrent.futures.Future]):
-    by_future = {f: p for p, f in futures.items()}
-    for future in concurrent.futures.as_completed(by_future):
-        yield by_future[future], future
+def _finished_runs(todo: list[Point], workers: int):
+    """(point, its result or the exception it raised) as each run finishes: in ``workers`` spawned processes
+    (a fresh interpreter each: jax does not survive fork), or one by one in this process."""
+    if workers <= 1 or len(todo) <= 1:
+        for point in todo:
+            try:
+                yield point, run_point(point)
+            except Exception as error:  # noqa: BLE001 - reported with the point's log, the others go on
+                yield point, error
+        return
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run_point, point): point for point in todo}
+        for future in concurrent.futures.as_completed(futures):
+            yield futures[future], future.exception() or future.result()
 
 
 # ---------------------------------------------------------------------------------------------- fits
@@ -389,7 +367,7 @@ def summarize(config: Any, results: list[dict], init: dict | None) -> dict[str, 
             if init is not None:
                 row["alignment_tax"] = _stats([r["ppo"]["pretrain_nll"] - init["pretrain_nll"] for r in runs])
                 row["gold_win_rate_vs_init"] = _stats(
-                    [_win_rate(r["ppo"]["gold_per_prompt"], init["gold_per_prompt"]) for r in runs]
+                    [evaluate.win_rate(r["ppo"]["gold_per_prompt"], init["gold_per_prompt"]) for r in runs]
                 )
         if "rm" in runs[0]:
             for key in ("val_accuracy", "val_loss", "val_gold_accuracy"):
@@ -410,12 +388,6 @@ def summarize(config: Any, results: list[dict], init: dict | None) -> dict[str, 
     if init is not None:
         out["init"] = {k: init[k] for k in PPO_METRICS}
     return out
-
-
-def _win_rate(mine: Sequence[float], theirs: Sequence[float]) -> float:
-    from instructjax import evaluate
-
-    return evaluate.win_rate(mine, theirs)
 
 
 def _best_of_n_summary(runs: list[dict]) -> dict[str, Any]:

@@ -292,6 +292,36 @@ def _sequence_kl(params, ref_params, prompt, prompt_mask, response, response_mas
     return ((logp - ref_logp) * response_mask).sum(axis=1)
 
 
+def measure_policy(
+    stage: Stage,
+    reference: Stage,
+    rm: Any,
+    prompts: Sequence[str],
+    pretrain_file: str | pathlib.Path,
+    kl_prompts: int = 200,
+    max_new_tokens: int = 16,
+    batch_size: int = 64,
+    gold: bool = True,
+) -> dict[str, Any]:
+    """One policy on ``prompts``, greedy: ``gold_eval``'s entries (``samples`` with each response's RM score
+    as ``rm``), ``rm_score`` (the mean under ``rm``, a ``reward.RewardModel``), ``kl_to_reference`` (on the
+    policy's own samples for the first ``kl_prompts``) and ``pretrain_nll`` on ``pretrain_file``."""
+    from instructjax import reward
+
+    result = gold_eval(stage, prompts, gold, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    samples = result["samples"]
+    texts, stopped = [r["response"] for r in samples], [r["stopped"] for r in samples]
+    scores = reward.score_texts(rm, prompts, texts, stopped, batch_size)
+    for row, score in zip(samples, scores, strict=True):
+        row["rm"] = float(score)
+    result["rm_score"] = float(scores.mean())
+    result["kl_to_reference"] = kl_to_reference(
+        stage, reference, prompts[:kl_prompts], max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    result["pretrain_nll"] = pretrain_nll(stage, pretrain_file)
+    return result
+
+
 def compare_models(
     workdirs: dict[str, str | pathlib.Path],
     *,
@@ -318,8 +348,6 @@ def compare_models(
     """
     from tqdm.auto import tqdm
 
-    from instructjax import reward
-
     if baseline not in workdirs:
         raise ValueError(f"baseline {baseline!r} is not one of the models {sorted(workdirs)}")
     reference = load_stage(workdirs[baseline], best=baseline in best)
@@ -328,18 +356,10 @@ def compare_models(
     for name, workdir in progress:
         progress.set_postfix_str(name)
         stage = reference if name == baseline else load_stage(workdir, best=name in best)
-        result = gold_eval(stage, prompts, gold, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        samples = result["samples"]
-        scores = reward.score_texts(
-            rm, prompts, [r["response"] for r in samples], [r["stopped"] for r in samples], batch_size
+        result = measure_policy(
+            stage, reference, rm, prompts, pretrain_file, kl_prompts, max_new_tokens, batch_size, gold
         )
-        for row, score in zip(samples, scores, strict=True):
-            row["rm"] = float(score)
-        result["rm_score"] = float(scores.mean())
-        result[f"kl_to_{baseline}"] = kl_to_reference(
-            stage, reference, prompts[:kl_prompts], max_new_tokens=max_new_tokens, batch_size=batch_size
-        )
-        result["pretrain_nll"] = pretrain_nll(stage, pretrain_file)
+        result[f"kl_to_{baseline}"] = result.pop("kl_to_reference")
         models[name] = result
     base_samples = models[baseline]["samples"]
     for result in models.values():
