@@ -6,6 +6,21 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# One persistent XLA compilation cache for the test run: the xdist workers, the children of the kill,
+# resume and multi-host tests, and the notebook's kernel compile many of the same programs (the same
+# tiny models on the same meshes), and a cache hit skips XLA's compile, never the tracing or the run.
+# The controller makes it (the workers and the children inherit the variable) and removes it at the
+# end, so every run starts cold; set JAX_COMPILATION_CACHE_DIR yourself to keep one across runs.
+# A size limit turns on jax's file lock, so concurrent writers cannot hand a reader a partial entry.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="instructjax-test-xla-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -23,6 +38,11 @@ def load_config_module(path: str):
 def load_config(path: str, arg: str | None = None):
     """``get_config(arg)`` of a config file."""
     return configlib.load_config(f"{REPO / path}:{arg or ''}")
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
