@@ -66,20 +66,27 @@ def _fused_forward(hidden_btd, unembed_dv, tokens_bt, loss_mask_bt, chunk):
     scale = 1.0 / jnp.maximum(count, 1.0)
     w = unembed_dv.astype(hidden_btd.dtype)
 
-    def body(grad_w, xs):
+    def body(grad_vd, xs):
         h_c, t_c, m_c = xs
         logits = jnp.dot(h_c, w, preferred_element_type=jnp.float32)  # [C, V]
-        lse = jax.nn.logsumexp(logits, axis=-1)
+        # One exp over the [C, V] logits serves both the log-sum-exp and the softmax (logsumexp, then
+        # exp(logits - lse), took two: a quarter of the head's time on CPU).
+        top = logits.max(axis=-1)
+        unnormalised = jnp.exp(logits - top[:, None])
+        total = unnormalised.sum(axis=-1)
+        lse = top + jnp.log(total)
         picked = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
-        g_logits = jnp.exp(logits - lse[:, None]) * (m_c * scale)[:, None]
+        g_logits = unnormalised * (m_c * scale / total)[:, None]
         g_logits = g_logits.at[jnp.arange(chunk), t_c].add(-m_c * scale)
         g_h = jnp.dot(g_logits.astype(w.dtype), w.T, preferred_element_type=jnp.float32)
-        grad_w = grad_w + jnp.dot(h_c.T.astype(jnp.float32), g_logits)
-        return grad_w, (((lse - picked) * m_c).sum(), g_h)
+        # dL/dunembed accumulated as [V, D] (g^T h): on CPU this contraction runs ~1.5x faster than the
+        # [D, V] one (h^T g); the single transpose at the end is free next to it.
+        grad_vd = grad_vd + jax.lax.dot_general(g_logits, h_c.astype(jnp.float32), (((0,), (0,)), ((), ())))
+        return grad_vd, (((lse - picked) * m_c).sum(), g_h)
 
-    grad_w, (nll, g_h) = jax.lax.scan(body, jnp.zeros(unembed_dv.shape, jnp.float32), (h, targets, weights))
+    grad_vd, (nll, g_h) = jax.lax.scan(body, jnp.zeros(unembed_dv.shape[::-1], jnp.float32), (h, targets, weights))
     g_hidden = jnp.pad(g_h.reshape(n_chunks * chunk, d)[:n].reshape(b, t - 1, d), ((0, 0), (0, 1), (0, 0)))
-    return nll.sum() * scale, count, (g_hidden.astype(hidden_btd.dtype), grad_w.astype(unembed_dv.dtype))
+    return nll.sum() * scale, count, (g_hidden.astype(hidden_btd.dtype), grad_vd.T.astype(unembed_dv.dtype))
 
 
 def _fused_fwd(hidden_btd, unembed_dv, tokens_bt, loss_mask_bt, chunk):
