@@ -169,19 +169,28 @@ class Linear(nn.Module):
         return y
 
 
-def _attention_bksh(q_btnh, k_bksh, v_bksh, mask_b1ts, dropout):
-    """Softmax attention with keys/values in [B,K,S,H]; the N = K*G query heads attend in K groups
-    of G, so grouped-query attention never copies the keys. Scores and softmax in float32."""
+def _attention(q_btnh, k, v, mask_b1ts, dropout, kv_layout: str = "bskh"):
+    """Softmax attention, scores and softmax in float32; keys/values in ``kv_layout`` ('bskh' as the
+    projections produce them, or 'bksh' as the KV cache stores them).
+
+    The N = K*G query heads attend in K groups of G, folded into the query axis ([B,K,G*T,H]), so both
+    matmuls are plain [B,K]-batched ones and grouped-query attention never copies the keys. On CPU
+    this runs forward and backward 1.7x faster than ``jax.nn.dot_product_attention``'s XLA path (20 ms
+    against 35 ms for [8,256,4,64], benchmarks.md) with identical outputs.
+    """
     b, t, n, h = q_btnh.shape
-    k = k_bksh.shape[1]
-    q_bkgth = q_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh, preferred_element_type=jnp.float32) / np.sqrt(h)
+    k_heads = k.shape[2] if kv_layout == "bskh" else k.shape[1]
+    g = n // k_heads
+    q_bkqh = q_btnh.reshape(b, t, k_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k_heads, g * t, h)
+    scores = jnp.einsum(f"bkqh,{kv_layout}->bkqs", q_bkqh, k, preferred_element_type=jnp.float32) / np.sqrt(h)
+    scores = scores.reshape(b, k_heads, g, t, -1)
     scores = jnp.where(mask_b1ts[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout is not None:
         probs = dropout(probs)
-    out = jnp.einsum("bkgts,bksh->btkgh", probs.astype(v_bksh.dtype), v_bksh)
-    return out.reshape(b, t, n, h)
+    probs = probs.reshape(b, k_heads, g * t, -1).astype(v.dtype)
+    out = jnp.einsum(f"bkqs,{kv_layout}->bkqh", probs, v)
+    return out.reshape(b, k_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 class Attention(nn.Module):
@@ -218,12 +227,10 @@ class Attention(nn.Module):
             key = nn.with_logical_constraint(key, ("batch", "kv_heads", "length", "head_dim"))
             value = nn.with_logical_constraint(value, ("batch", "kv_heads", "length", "head_dim"))
             new_kv = {"k": key, "v": value}
-            out = _attention_bksh(q, key.astype(q.dtype), value.astype(q.dtype), mask_b1ts, None)
-        elif dropout:  # jax.nn.dot_product_attention has no dropout: the same math, spelled out
-            drop = nn.Dropout(cfg.attention_dropout_rate, deterministic=False)
-            out = _attention_bksh(q, key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3), mask_b1ts, drop)
+            out = _attention(q, key.astype(q.dtype), value.astype(q.dtype), mask_b1ts, None, "bksh")
         else:
-            out = jax.nn.dot_product_attention(q, key, value, mask=mask_b1ts)
+            drop = nn.Dropout(cfg.attention_dropout_rate, deterministic=False) if dropout else None
+            out = _attention(q, key, value, mask_b1ts, drop)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out = linear(
             (cfg.d_model,), ("heads", "head_dim", "embed"), contract=2, use_bias=cfg.use_bias, std=out_std, name="o"

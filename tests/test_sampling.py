@@ -30,17 +30,19 @@ def test_cached_decoding_equals_full_recompute(preset):
         np.testing.assert_array_equal(cached.tokens, recomputed.tokens)
         np.testing.assert_array_equal(cached.mask, recomputed.mask)
         np.testing.assert_allclose(cached.logprobs, recomputed.logprobs, atol=1e-5, rtol=0)
-    # Greedy log-probs are the model's own: check against one full forward over prompt + response.
-    greedy = sampling.generate(
-        params, cfg, tokens, mask, jax.random.key(0), max_new_tokens=12, eos_id=1, temperature=0.0
-    )
-    full_tokens = np.concatenate([tokens, np.asarray(greedy.tokens)], axis=1)
-    full_mask = np.concatenate([mask, np.asarray(greedy.mask)], axis=1)
-    logits = Transformer(cfg).apply({"params": params}, full_tokens, full_mask)
-    logp = jax.nn.log_softmax(logits[:, tokens.shape[1] - 1 : -1])
-    expected = np.take_along_axis(np.asarray(logp), np.asarray(greedy.tokens)[..., None], axis=-1)[..., 0]
-    np.testing.assert_allclose(np.asarray(greedy.logprobs), expected * np.asarray(greedy.mask), atol=1e-5)
-    assert np.all(np.asarray(greedy.logprobs) <= 0)
+    # The log-probs are those of the sampling distribution, softmax(logits / T) (the model's own when
+    # greedy): check against one full forward over prompt + response.
+    for temperature in (0.0, 0.7):
+        out = sampling.generate(
+            params, cfg, tokens, mask, jax.random.key(0), max_new_tokens=12, eos_id=1, temperature=temperature
+        )
+        full_tokens = np.concatenate([tokens, np.asarray(out.tokens)], axis=1)
+        full_mask = np.concatenate([mask, np.asarray(out.mask)], axis=1)
+        logits = Transformer(cfg).apply({"params": params}, full_tokens, full_mask)
+        logp = jax.nn.log_softmax(logits[:, tokens.shape[1] - 1 : -1] / (temperature or 1.0))
+        expected = np.take_along_axis(np.asarray(logp), np.asarray(out.tokens)[..., None], axis=-1)[..., 0]
+        np.testing.assert_allclose(np.asarray(out.logprobs), expected * np.asarray(out.mask), atol=1e-5)
+        assert np.all(np.asarray(out.logprobs) <= 0)
 
 
 def test_compiles_once_per_bucket():
