@@ -123,8 +123,9 @@ def _prompt_batches(stage: Stage, prompts: Sequence[str], batch_size: int, templ
 
 def gold_eval(stage: Stage, prompts: Sequence[str], gold: bool = True, **sample_kwargs: Any) -> dict[str, Any]:
     """Mean gold score, stop rate and response length on ``prompts`` (greedy unless told otherwise),
-    with every (prompt, response, gold) for the report. ``gold=False`` (data that is not the synthetic
-    world, which has no gold score) leaves the gold score out."""
+    with every (prompt, response, gold) for the report. ``gold_by_family`` is the mean gold score per
+    task family (a prompt's first word), where the reward model's skill differs most. ``gold=False``
+    (data that is not the synthetic world, which has no gold score) leaves the gold entries out."""
     from instructjax.data import world
 
     responses = sample_texts(stage, prompts, **sample_kwargs)
@@ -132,11 +133,18 @@ def gold_eval(stage: Stage, prompts: Sequence[str], gold: bool = True, **sample_
         {"prompt": p, "response": text, "stopped": stopped}
         for p, (text, stopped) in zip(prompts, responses, strict=True)
     ]
+    gold_entries = {}
     if gold:
+        by_family: dict[str, list[float]] = {}
         for row in rows:
             row["gold"] = world.gold_score(row["prompt"], row["response"], row["stopped"])
+            by_family.setdefault(row["prompt"].split()[0], []).append(row["gold"])
+        gold_entries = {
+            "gold_score": float(np.mean([r["gold"] for r in rows])),
+            "gold_by_family": {family: float(np.mean(g)) for family, g in sorted(by_family.items())},
+        }
     return {
-        **({"gold_score": float(np.mean([r["gold"] for r in rows]))} if gold else {}),
+        **gold_entries,
         "stop_rate": float(np.mean([r["stopped"] for r in rows])),
         "response_words": float(np.mean([len(r["response"].split()) for r in rows])),
         "samples": rows,

@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO, load_config, load_config_module
 
 from instructjax import ablate, stages, train_ppo, train_rm, train_sft
+from instructjax.data import world
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,9 @@ def test_quick_pipeline_end_to_end_and_rerun_skips(quick_job, monkeypatch, capsy
     for name, r in results["models"].items():
         assert 0.0 <= r["gold_score"] <= 1.0 and r["pretrain_nll"] > 0, name
         assert 0.0 <= r["gold_win_rate_vs_sft"] <= 1.0 and 0.0 <= r["rm_win_rate_vs_sft"] <= 1.0, name
+        by_family = r["gold_by_family"]  # the mean over all prompts lies between the families' means
+        assert set(by_family) <= set(world.FAMILIES) and len(by_family) > 3, name
+        assert min(by_family.values()) - 1e-9 <= r["gold_score"] <= max(by_family.values()) + 1e-9, name
         assert json.loads((tmp_path / name / "summary.json").read_text())["status"] == "done"
     assert json.loads((tmp_path / "results.json").read_text())["models"] == results["models"]
     report = (tmp_path / "report.md").read_text()
@@ -121,7 +125,7 @@ def test_pipeline_on_your_data_from_an_imported_hf_model(quick_job, tmp_path):
         stage_config = json.loads((tmp_path / "job" / name / "config.json").read_text())
         assert stage_config["model"]["d_model"] == d_model and stage_config["data"]["world_dir"] == str(data)
     for name, r in results["models"].items():
-        assert "gold_score" not in r and "gold_win_rate_vs_sft" not in r, name
+        assert not {"gold_score", "gold_by_family", "gold_win_rate_vs_sft"} & set(r), name
         assert 0.0 <= r["rm_win_rate_vs_sft"] <= 1.0 and r["pretrain_nll"] > 0, name
     assert results["rm"]["gold_accuracy"] is None
     assert "| base | – | – |" in (tmp_path / "job" / "report.md").read_text()
