@@ -223,12 +223,18 @@ def label_policy_samples(
     k_max: int = 9,
     labeler_temperature: float | None = None,
     seed: int = 0,
+    mix_with: dict[str, Sequence[str]] | None = None,
+    mix_keep: int = 5,
 ) -> list[dict]:
     """Comparison rows as the paper collected them: K samples of the policy per prompt (temperature 1),
     ranked by a simulated labeler of the synthetic world (``world.simulated_ranking``).
 
     K is drawn in ``k_min..k_max``; samples that did not stop (no EOS) are dropped, since comparison
     completions are written with an EOS; a prompt left with fewer than two distinct texts is skipped.
+    ``mix_with`` (prompt -> completions, e.g. of the comparisons the RM was trained on) puts the first
+    ``mix_keep`` of a prompt's other completions in the same row, ahead of the policy's samples, at most
+    ``k_max`` in all: the paper's rankings compared outputs of several policies at once, so a policy's
+    answers get ranked against better ones, not only against each other.
     """
     import random
 
@@ -241,6 +247,8 @@ def label_policy_samples(
     rows = []
     for i, prompt in enumerate(prompts):
         texts = [t for t, stopped in responses[i * k_max : (i + 1) * k_max] if stopped][: rng.randint(k_min, k_max)]
+        if mix_with:
+            texts = list(dict.fromkeys([*mix_with.get(prompt, ())[:mix_keep], *texts]))[:k_max]
         if len(set(texts)) < 2:
             continue
         ranking = world.simulated_ranking(prompt, texts, rng, temperature)

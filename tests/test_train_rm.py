@@ -202,6 +202,16 @@ def test_policy_samples_labeled_and_rm_agreement(sft_dir, rm_dir, small_world, m
         gold = [world.gold_score(r["prompt"], c, True) for c in r["completions"]]
         best = r["ranking"][0] if isinstance(r["ranking"][0], list) else [r["ranking"][0]]
         assert gold[best[0]] == max(gold)  # a noise-free labeler puts the highest gold score first
+    # mix_with: the prompt's other completions come first and share the ranking; K stays at most k_max.
+    others = {p: [f"other{j}" for j in range(6)] for p in prompts}
+    mixed = evaluate.label_policy_samples(
+        policy, prompts, labeler_temperature=0.0, seed=1, mix_with=others, mix_keep=3, k_max=5
+    )
+    assert len(mixed) == len(prompts)
+    for r in mixed:
+        formats.validate_row(r, "comparisons")  # a valid comparisons row (raises otherwise)
+        assert r["completions"][:3] == ["other0", "other1", "other2"] and len(r["completions"]) <= 5
+        assert len(r["completions"]) > 3  # the policy's own samples are there too
     result = evaluate.rm_agreement(reward.load_reward_model(rm_dir), policy, prompts, samples_per_prompt=3)
     assert result["pairs"] > 0 and 0.0 <= result["agreement"] <= 1.0
     assert set(result["by_family"]) <= {p.split()[0] for p in prompts}
