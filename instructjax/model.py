@@ -179,7 +179,7 @@ def _attention(q_btnh, k, v, mask_b1ts, dropout, kv_layout: str = "bskh"):
     against 35 ms for [8,256,4,64], benchmarks.md) with identical outputs.
     """
     b, t, n, h = q_btnh.shape
-    k_heads = k.shape[2] if kv_layout == "bskh" else k.shape[1]
+    k_heads = k.shape[kv_layout.index("k")]
     g = n // k_heads
     q_bkqh = q_btnh.reshape(b, t, k_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k_heads, g * t, h)
     scores = jnp.einsum(f"bkqh,{kv_layout}->bkqs", q_bkqh, k, preferred_element_type=jnp.float32) / np.sqrt(h)

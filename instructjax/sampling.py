@@ -107,9 +107,10 @@ def _inverse_cdf_sample(key: jax.Array, scaled_bv: jax.Array, block: int = 256) 
     return jnp.where(hit, token, jnp.argmax(scaled_bv, axis=-1)), top[:, 0] + jnp.log(block_cdf[:, -1])
 
 
-def _logprob_of(logits_bv: jax.Array, token_b: jax.Array) -> jax.Array:
+def _logprob_of(logits_bv: jax.Array, token_b: jax.Array, log_normaliser_b: jax.Array | None = None) -> jax.Array:
+    """``log softmax(logits)[token]``; ``log_normaliser_b`` is ``logsumexp(logits)`` when already known."""
     chosen = jnp.take_along_axis(logits_bv, token_b[:, None], axis=-1)[:, 0]
-    return chosen - jax.nn.logsumexp(logits_bv, axis=-1)
+    return chosen - (jax.nn.logsumexp(logits_bv, axis=-1) if log_normaliser_b is None else log_normaliser_b)
 
 
 def sample_token(
@@ -132,7 +133,7 @@ def sample_token(
         scaled = jax.lax.cond(top_p < 1.0, _top_p_filter, lambda s, _: s, scaled, top_p)
         token, log_normaliser = _inverse_cdf_sample(key, scaled)
         token = token.astype(jnp.int32)
-        return token, jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0] - log_normaliser
+        return token, _logprob_of(scaled, token, log_normaliser)
 
     return jax.lax.cond(temperature <= 0, greedy, sampled, logits_bv)
 
