@@ -42,7 +42,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rm = rm.get_config("tiny")  # stage 2, from the SFT model
     c.rm.batch_size = 16  # 2,000 ranked prompts: 125 steps in the paper's single epoch
     c.ppo_init = sft.get_config("ppo_init")  # PPO's starting point and KL reference
-    c.ppo_init.select_by = "score"  # checkpoint selected by mean RM score on validation prompts (§3.5)
+    # The paper selects SFT checkpoints by RM score on validation prompts (§3.5). Here that selection picked a
+    # fluke: an undertrained checkpoint whose greedy answers happened to end in the RM's favourite form (RM
+    # score 0.28 at one eval, about -0.45 at all others), and PPO from it collapsed to one constant answer
+    # (docs/results.md, "Checkpoint selection"). Validation loss is the selection the tiny world supports;
+    # select_by="score" keeps the paper's rule.
+    c.ppo_init.select_by = "val_loss"
     # The paper tuned epochs by geometric search and trained PPO-init for 2 (App. C.3); the 150k-parameter
     # model is far from converged after 2 (gold 0.19 against SFT's 0.41 in an earlier world, docs/results.md),
     # so PPO-init gets SFT's 16 and differs from SFT by the 10% pretraining mix alone.

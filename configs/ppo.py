@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.kl = ml_collections.ConfigDict()
     c.kl.mode = "fixed"  # 'fixed' (the paper: β = 0.02) or 'adaptive' (Ziegler et al.)
-    c.kl.init_coef = 0.02  # β
+    c.kl.init_coef = 0.02  # β (the paper); the tiny presets re-tune it below
     c.kl.target = 6.0  # adaptive: target KL in nats per sequence
     c.kl.horizon = 10_000  # adaptive: episodes over which the error is corrected (K_β = batch / horizon)
 
@@ -96,6 +96,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.nan_policy = "stop"  # PPO stops on a non-finite update (no 'skip')
 
+    if preset in ("tiny", "tiny_ptx"):
+        # Re-tuned for the tiny world, like γ: at the paper's 0.02 the policy over-optimised the 150k-parameter
+        # RM (validation gold rose to 0.38 by iteration 25, then fell back to SFT's 0.23 by 100); at 0.3 it
+        # held at 0.40 with a rollout KL of about 0.85 nats (docs/results.md, "β").
+        c.kl.init_coef = 0.3
     if preset == "tiny":
         pass
     elif preset == "tiny_ptx":

@@ -34,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.valid_file = "demos_valid.jsonl"
     c.data.pretrain_file = "pretrain_train.jsonl"  # for kind='pretrain' and for the ptx mix
     c.data.pretrain_valid_file = "pretrain_heldout.jsonl"
-    c.data.ptx_fraction = 0.0  # share of sequences from pretraining text (paper's PPO-init SFT: 0.1)
+    c.data.ptx_fraction = 0.0  # pretraining text's share of the loss and of the rows (paper's PPO-init SFT: 0.1)
     c.data.max_len = 32  # tokens per sequence (prompt + response + EOS); packed row length for pretraining
     c.data.max_prompt_len = 16  # prompt tokens for generation (evaluation samples)
     c.data.prompt_template = "{prompt}"  # applied to each prompt before tokenizing

@@ -171,8 +171,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         max_new_tokens=config.eval.max_new_tokens,
         batch_size=config.eval.batch_size,
         gold=has_gold,
-        # ppo_init as PPO starts from it: the checkpoint its RM-score selection kept
-        best=[name for name in POLICIES if name in config and config[name].get("select_by") == "score"],
+        best=["ppo_init"],  # as PPO starts from it: the checkpoint its selection kept (train_ppo loads best)
     )
     seconds["evaluation"] = time.perf_counter() - start
     rm_summary = json.loads((stage_dirs["rm"] / "summary.json").read_text())

@@ -161,8 +161,14 @@ def train(config: Any, workdir: str | pathlib.Path, score_fn: Callable[[Any], fl
 
 def make_loss_fn(model: Transformer, cfg: ModelConfig, config: Any) -> steps.LossFn:
     """``loss_fn(params, batch, rng) -> (loss, metrics)`` of ``steps.make_train_step``: the token-mean LM loss
-    of the batch (``mask``, or ``segment_ids`` for packed pretraining), and with ``ptx_*`` keys the token mean
-    over the demonstrations and the pretraining rows together. ``rng=None``: no dropout (evaluation)."""
+    of the batch (``mask``, or ``segment_ids`` for packed pretraining). With ``ptx_*`` keys (PPO-init SFT):
+
+        L = (1 − f)·L_demos + f·L_pretrain,    f = config.data.ptx_fraction,
+
+    each term a token mean. The paper mixes in "10% pretraining data" (App. C.3) without saying 10% of what;
+    we take it as 10% of the objective, so the share does not depend on how long the responses are against
+    the packed pretraining rows (a token mean over both made the tiny world's 32-token rows 57% of the loss
+    tokens, docs/results.md). ``rng=None``: no dropout (evaluation)."""
 
     def lm_nll(params, tokens, loss_mask, rngs, **inputs):
         # The LM head and cross-entropy fused in chunks: the [B,T,V] logits never exist at once.
@@ -181,7 +187,7 @@ def make_loss_fn(model: Transformer, cfg: ModelConfig, config: Any) -> steps.Los
             loss, n_tokens = lm_nll(params, batch["tokens"], batch["loss_mask"], rngs, mask_bt=batch["mask"])
         # loss_tokens weight the loss; real_tokens (non-pad) and computed_tokens (B*T) measure throughput.
         out = {"loss_tokens": n_tokens, "real_tokens": batch["mask"].sum(), "computed_tokens": batch["tokens"].size}
-        if "ptx_tokens" in batch:  # PPO-init SFT: token mean over demonstrations and pretraining text
+        if "ptx_tokens" in batch:  # PPO-init SFT: the pretraining text is ptx_fraction of the objective
             ptx_rngs = None if rng is None else {"dropout": jax.random.fold_in(rng, 1)}
             ptx_loss, ptx_tokens = lm_nll(
                 params, batch["ptx_tokens"], batch["ptx_loss_mask"], ptx_rngs, segment_ids_bt=batch["ptx_segment_ids"]
@@ -189,7 +195,7 @@ def make_loss_fn(model: Transformer, cfg: ModelConfig, config: Any) -> steps.Los
             out.update(sft_loss=loss, ptx_loss=ptx_loss, loss_tokens=n_tokens + ptx_tokens)
             out["real_tokens"] += batch["ptx_mask"].sum()
             out["computed_tokens"] += batch["ptx_tokens"].size
-            loss = (loss * n_tokens + ptx_loss * ptx_tokens) / (n_tokens + ptx_tokens)
+            loss = (1 - config.data.ptx_fraction) * loss + config.data.ptx_fraction * ptx_loss
         return loss, out
 
     return loss_fn

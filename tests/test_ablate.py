@@ -48,10 +48,10 @@ def test_every_sweep_loads_and_equal_points_share_a_directory(tmp_path):
     dirs = {name: {p.workdir for p in runs} for name, runs in points.items()}
     ptx = tmp_path / "points" / "ppo" / "ppo.ptx_coef=1.0" / "seed1"
     assert ptx in dirs["ptx_coef"] and ptx in dirs["kl_coef"] and ptx in dirs["ppo_lr"] and ptx in dirs["episodes"]
-    plain = tmp_path / "points" / "ppo" / "default" / "seed0"  # γ 0, β 0.02, LR 2e-4: the pipeline's ppo
+    plain = tmp_path / "points" / "ppo" / "default" / "seed0"  # γ 0, β 0.3, LR 2e-4: the pipeline's ppo
     assert plain in dirs["ptx_coef"] and plain in dirs["kl_coef"] and plain in dirs["ppo_lr"]
-    beta = next(p for p in points["kl_coef"] if p.label == "ppo.kl.init_coef=0.5,ppo.ptx_coef=1.0" and p.seed == 2)
-    assert beta.ppo.kl.init_coef == 0.5 and beta.ppo.ptx_coef == 1.0 and beta.ppo.seed == 2
+    beta = next(p for p in points["kl_coef"] if p.label == "ppo.kl.init_coef=1.0,ppo.ptx_coef=1.0" and p.seed == 2)
+    assert beta.ppo.kl.init_coef == 1.0 and beta.ppo.ptx_coef == 1.0 and beta.ppo.seed == 2
     assert beta.ppo.policy_from == str(tmp_path / "ppo_init") and beta.ppo.rm_from == str(tmp_path / "rm")
     gao = next(p for p in points["overoptimization"] if p.label == "rm.data.train_records=500" and p.seed == 1)
     assert gao.rm.data.train_records == 500 and gao.rm.seed == 1 and gao.ppo.rm_from == str(gao.workdir / "rm")

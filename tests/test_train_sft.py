@@ -142,6 +142,8 @@ def test_pretraining_and_ptx_mix(small_world, tmp_path):
     train_sft.train(mixed, tmp_path / "ppo_init")
     row = [r for r in read_metrics(tmp_path / "ppo_init") if "ptx_loss" in r][-1]
     assert row["ptx_loss"] > 0 and row["sft_loss"] > 0
+    # the pretraining text is ptx_fraction (0.1) of the objective, however long its rows are
+    assert row["loss"] == pytest.approx(0.9 * row["sft_loss"] + 0.1 * row["ptx_loss"], rel=1e-5)
     # init_from really loaded the base model: the first SFT loss is far below a random model's log(512)
     assert row["ptx_loss"] < np.log(512)
 
