@@ -90,6 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                     "data.ptx_len": 32,
                 }
             )
+        c.ppo_init.select_by = "score"  # the smoke run covers the paper's RM-score selection, the default does not
         c.eval.prompts = 40
         c.eval.select_prompts = 40
         c.eval.kl_prompts = 40

@@ -40,7 +40,8 @@ def test_quick_pipeline_end_to_end_and_rerun_skips(quick_job, monkeypatch, capsy
     assert (tmp_path / "ppo_vs_kl.png").exists() and "ppo_vs_kl.png" in report
     assert 0.0 <= results["rm"]["val_accuracy"] <= 1.0 and "Reward model" in report
     ppo_init = json.loads((tmp_path / "ppo_init" / "summary.json").read_text())
-    assert "score" in ppo_init["final"]  # checkpoints selected by the RM score (§3.5)
+    assert "score" in ppo_init["final"]  # the quick preset selects by the RM score (§3.5)
+    assert load_config("configs/pipeline.py", "default").ppo_init.select_by == "val_loss"  # docs/results.md
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished stage was trained again")
