@@ -4,14 +4,18 @@
     python benchmarks/sampling.py --batch=16 --prompt=32 --new=128 --repeats=3
 
 All three decode the same shapes in one run (batch 16, prompt 32, 128 new tokens, no early stop:
-EOS is disabled), timed after a warm-up call. transformers is measured only when torch and
-transformers are importable (CPU torch here). The compute limit is 2·params FLOPs per token at the
-float32 matmul rate measured on this machine in the same run. The last line printed is a JSON object.
+EOS is disabled), timed after a warm-up call and taking turns (one repeat of each per round), so a
+busy spell of the machine slows them alike; each figure is the best of ``--repeats``. transformers
+is measured only when torch and transformers are importable (CPU torch here). The compute limit is
+2·params FLOPs per token at the float32 matmul rate measured on this machine in the same run
+(``--dtype=bfloat16`` runs both models and the matmul in bf16). ``--skip_recompute`` leaves out the
+slow full-recompute decoding. The last line printed is a JSON object.
 """
 
 import argparse
 import json
 import time
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -22,30 +26,42 @@ from instructjax import sampling
 from instructjax.model import ModelConfig, Transformer, count_params
 
 
-def gpt2_shaped(d_model: int, n_layers: int) -> ModelConfig:
+def gpt2_shaped(d_model: int, n_layers: int, dtype: str = "float32") -> ModelConfig:
     return ModelConfig(
-        vocab_size=50257, d_model=d_model, n_layers=n_layers, n_heads=d_model // 64, d_ff=4 * d_model, max_len=1024
+        vocab_size=50257,
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=d_model // 64,
+        d_ff=4 * d_model,
+        max_len=1024,
+        dtype=dtype,
+        param_dtype=dtype,
     )
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
+def best_interleaved(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Each run's best time in seconds. The runs take turns, one repeat of each per round, so that a
+    slow spell of a shared machine hits all of them alike and the ratios stay comparable."""
+    for run in runs.values():
+        run()  # compile / warm up
+    times = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(ts) for name, ts in times.items()}
 
 
-def matmul_flops_per_second(n: int = 1024, repeats: int = 5) -> float:
-    a = jnp.ones((n, n), jnp.float32)
+def matmul_run(n: int = 1024, dtype: str = "float32") -> Callable[[], None]:
+    """A jitted n x n matmul, the machine's matmul rate (2·n³ FLOPs per call)."""
+    a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda a: a @ a)
-    seconds = best_of(lambda: f(a).block_until_ready(), repeats)
-    return 2 * n**3 / seconds
+    return lambda: f(a).block_until_ready()
 
 
-def transformers_tokens_per_second(cfg: ModelConfig, prompt: np.ndarray, new: int, repeats: int) -> float | None:
+def transformers_run(cfg: ModelConfig, prompt: np.ndarray, new: int) -> Callable[[], None] | None:
+    """``GPT2LMHeadModel.generate`` on a random model of the same shape; None without torch/transformers."""
     try:
         import torch
         import transformers
@@ -55,7 +71,7 @@ def transformers_tokens_per_second(cfg: ModelConfig, prompt: np.ndarray, new: in
     hf_cfg = transformers.GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.max_len, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads
     )
-    model = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    model = transformers.GPT2LMHeadModel(hf_cfg).to(getattr(torch, cfg.dtype)).eval()
     ids = torch.tensor(prompt, dtype=torch.long)
 
     def run():
@@ -71,7 +87,7 @@ def transformers_tokens_per_second(cfg: ModelConfig, prompt: np.ndarray, new: in
             )
         assert out.shape[1] == prompt.shape[1] + new
 
-    return prompt.shape[0] * new / best_of(run, repeats)
+    return run
 
 
 def main() -> None:
@@ -82,16 +98,20 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="params and compute, both sides"
+    )
+    parser.add_argument("--skip_recompute", action="store_true", help="leave out full-recompute decoding (slow)")
     args = parser.parse_args()
 
-    cfg = gpt2_shaped(args.d_model, args.n_layers)
+    cfg = gpt2_shaped(args.d_model, args.n_layers, args.dtype)
     params = nn.unbox(Transformer(cfg).init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"])
     n_params = count_params(params)
     prompt = np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.prompt)).astype(np.int32)
     mask = np.ones_like(prompt)
     tokens = args.batch * args.new
 
-    def ours(use_cache):
+    def ours(use_cache: bool) -> Callable[[], None]:
         def run():
             out = sampling.generate(
                 params,
@@ -107,18 +127,28 @@ def main() -> None:
             assert int(out.steps) == args.new
             jax.block_until_ready(out)
 
-        return tokens / best_of(run, args.repeats)
+        return run
+
+    runs = {"generate": ours(True), "matmul": matmul_run(dtype=args.dtype)}
+    if not args.skip_recompute:
+        runs["recompute"] = ours(False)
+    if (hf := transformers_run(cfg, prompt, args.new)) is not None:
+        runs["transformers"] = hf
+    seconds = best_interleaved(runs, args.repeats)
+    per_s = {name: tokens / s for name, s in seconds.items() if name != "matmul"}
 
     result = {
         "device": jax.devices()[0].device_kind,
         "params": n_params,
+        "dtype": args.dtype,
         "shape": dict(batch=args.batch, prompt=args.prompt, new_tokens=args.new),
-        "generate_tokens_per_s": ours(True),
-        "recompute_tokens_per_s": ours(False),
-        "transformers_tokens_per_s": transformers_tokens_per_second(cfg, prompt, args.new, args.repeats),
-        "compute_limit_tokens_per_s": matmul_flops_per_second() / (2 * n_params),
+        "generate_tokens_per_s": per_s["generate"],
+        "recompute_tokens_per_s": per_s.get("recompute"),
+        "transformers_tokens_per_s": per_s.get("transformers"),
+        "compute_limit_tokens_per_s": 2 * 1024**3 / seconds["matmul"] / (2 * n_params),
     }
-    result["speedup_vs_recompute"] = result["generate_tokens_per_s"] / result["recompute_tokens_per_s"]
+    if result["recompute_tokens_per_s"]:
+        result["speedup_vs_recompute"] = result["generate_tokens_per_s"] / result["recompute_tokens_per_s"]
     if result["transformers_tokens_per_s"]:
         result["speedup_vs_transformers"] = result["generate_tokens_per_s"] / result["transformers_tokens_per_s"]
     result["fraction_of_compute_limit"] = result["generate_tokens_per_s"] / result["compute_limit_tokens_per_s"]

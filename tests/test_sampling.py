@@ -127,6 +127,31 @@ def test_filters_top_k_and_top_p():
     assert not np.array_equal(a.tokens, c.tokens)
 
 
+def test_inverse_cdf_draw_follows_the_softmax_and_skips_filtered_tokens():
+    # 700 tokens: two full blocks of 256 and a padded third; filtered (-inf) runs inside blocks and a
+    # whole filtered block edge. 40,000 rows of the same logits give 40,000 independent draws.
+    rng = np.random.RandomState(0)
+    logits = (2.0 * rng.randn(700)).astype(np.float32)
+    logits[:10] = logits[250:262] = logits[690:] = -np.inf
+    draws = 40_000
+    tokens, log_norm = jax.jit(sampling._inverse_cdf_sample)(jax.random.key(3), np.tile(logits, (draws, 1)))
+    tokens = np.asarray(tokens)
+    probs = np.exp(logits - logits.max())
+    np.testing.assert_allclose(np.asarray(log_norm), np.log(probs.sum()) + logits.max(), rtol=1e-5)
+    probs /= probs.sum()
+    assert (probs[tokens] > 0).all()  # never a filtered token
+    counts = np.bincount(tokens, minlength=700)
+    kept = probs > 0
+    chi2 = (((counts - draws * probs) ** 2)[kept] / (draws * probs[kept])).sum()
+    dof = kept.sum() - 1  # chi-square mean dof, sd sqrt(2 dof); a block off by one gives thousands
+    assert chi2 < dof + 6 * np.sqrt(2 * dof), chi2
+    # A degenerate row: one token left (top-k 1) always gives that token, with log-prob 0.
+    one = np.full((4, 700), -np.inf, np.float32)
+    one[:, 511] = 3.0
+    token, lp = sampling.sample_token(one, jax.random.key(0), np.float32(1.0), 0, np.float32(1.0))
+    assert (np.asarray(token) == 511).all() and np.allclose(np.asarray(lp), 0.0)
+
+
 def test_top_p_keeps_the_nucleus():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
     kept = np.asarray(sampling._top_p_filter(logits, np.float32(0.7)))
