@@ -14,13 +14,13 @@ slow full-recompute decoding. The last line printed is a JSON object.
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import best_interleaved
 
 from instructjax import sampling
 from instructjax.model import ModelConfig, Transformer, count_params
@@ -37,20 +37,6 @@ def gpt2_shaped(d_model: int, n_layers: int, dtype: str = "float32") -> ModelCon
         dtype=dtype,
         param_dtype=dtype,
     )
-
-
-def best_interleaved(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Each run's best time in seconds. The runs take turns, one repeat of each per round, so that a
-    slow spell of a shared machine hits all of them alike and the ratios stay comparable."""
-    for run in runs.values():
-        run()  # compile / warm up
-    times = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: min(ts) for name, ts in times.items()}
 
 
 def matmul_run(n: int = 1024, dtype: str = "float32") -> Callable[[], None]:

@@ -7,49 +7,42 @@ FLOPs per step use MaxText's causal training formula (reference/performance.md �
 ``metrics.training_flops_per_token``) for both frameworks; each is divided by its own f32 matmul rate
 measured in the same run (jit ``a @ a`` / ``torch.mm``, 1024x1024). The transformers step
 (GPT2LMHeadModel, torch AdamW, same shapes) runs only when torch and transformers are importable.
+The steps and the matmuls take turns, one repeat of each per round (``timing.best_interleaved``), so
+a busy spell of the machine slows them alike; each figure is the best of ``--repeats``.
 The last line printed is a JSON object.
 """
 
 import argparse
 import json
-import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from timing import best_interleaved
 
 from instructjax import losses, sharding, steps
 from instructjax.metrics import training_flops_per_token
 from instructjax.model import ModelConfig, Transformer, unembedding
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()
-    fn()  # compile, warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def jax_matmul_peak(n: int = 1024) -> float:
+def matmul_run(n: int = 1024) -> Callable[[], None]:
+    """A jitted n x n f32 matmul, the machine's matmul rate for jax (2·n³ FLOPs per call)."""
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
-    return 2 * n**3 / best_of(lambda: f(a).block_until_ready(), 5)
+    return lambda: f(a).block_until_ready()
 
 
-def torch_step_seconds(cfg: ModelConfig, batch: int, seq: int, repeats: int) -> tuple[float, float] | None:
+def torch_runs(cfg: ModelConfig, batch: int, seq: int) -> dict[str, Callable[[], None]]:
+    """The transformers train step and torch's 1024² matmul; empty without torch/transformers."""
     try:
         import torch
         import transformers
     except ImportError:
-        return None
+        return {}
     torch.manual_seed(0)
     a = torch.ones(1024, 1024)
-    peak = 2 * 1024**3 / best_of(lambda: torch.mm(a, a), 5)
     hf = transformers.GPT2Config(
         vocab_size=cfg.vocab_size,
         n_positions=cfg.max_len,
@@ -69,7 +62,7 @@ def torch_step_seconds(cfg: ModelConfig, batch: int, seq: int, repeats: int) -> 
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
 
-    return best_of(step, repeats), peak
+    return {"torch_step": step, "torch_matmul": lambda: torch.mm(a, a)}
 
 
 def main() -> None:
@@ -111,28 +104,28 @@ def main() -> None:
             holder[0], out = train_step(holder[0], batch)
             jax.block_until_ready(out["loss"])
 
-        seconds = best_of(run, args.repeats)
+        runs = {"step": run, "matmul": matmul_run(), **torch_runs(cfg, args.batch, args.seq)}
+        seconds = best_interleaved(runs, args.repeats, warmups=2)
     n_tokens = args.batch * args.seq
     flops = training_flops_per_token(cfg, args.seq) * n_tokens
-    peak = jax_matmul_peak()
+    peak = 2 * 1024**3 / seconds["matmul"]
     result = {
         "device": jax.devices()[0].device_kind,
         "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
         "shape": dict(batch=args.batch, seq=args.seq),
-        "step_seconds": seconds,
-        "tokens_per_s": n_tokens / seconds,
-        "flops_per_s": flops / seconds,
+        "step_seconds": seconds["step"],
+        "tokens_per_s": n_tokens / seconds["step"],
+        "flops_per_s": flops / seconds["step"],
         "matmul_peak_flops_per_s": peak,
-        "fraction_of_peak": flops / seconds / peak,
+        "fraction_of_peak": flops / seconds["step"] / peak,
     }
-    torch_result = torch_step_seconds(cfg, args.batch, args.seq, args.repeats)
-    if torch_result is not None:
-        torch_seconds, torch_peak = torch_result
+    if "torch_step" in seconds:
+        torch_peak = 2 * 1024**3 / seconds["torch_matmul"]
         result.update(
-            torch_tokens_per_s=n_tokens / torch_seconds,
-            torch_fraction_of_peak=flops / torch_seconds / torch_peak,
+            torch_tokens_per_s=n_tokens / seconds["torch_step"],
+            torch_fraction_of_peak=flops / seconds["torch_step"] / torch_peak,
             torch_matmul_peak_flops_per_s=torch_peak,
-            speedup_vs_torch=torch_seconds / seconds,
+            speedup_vs_torch=seconds["torch_step"] / seconds["step"],
         )
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
 
