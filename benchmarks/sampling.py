@@ -18,9 +18,8 @@ from collections.abc import Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-from timing import best_interleaved
+from timing import best_interleaved, jax_matmul_run, matmul_flops_per_s
 
 from instructjax import sampling
 from instructjax.model import ModelConfig, Transformer, count_params
@@ -37,13 +36,6 @@ def gpt2_shaped(d_model: int, n_layers: int, dtype: str = "float32") -> ModelCon
         dtype=dtype,
         param_dtype=dtype,
     )
-
-
-def matmul_run(n: int = 1024, dtype: str = "float32") -> Callable[[], None]:
-    """A jitted n x n matmul, the machine's matmul rate (2·n³ FLOPs per call)."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a: a @ a)
-    return lambda: f(a).block_until_ready()
 
 
 def transformers_run(cfg: ModelConfig, prompt: np.ndarray, new: int) -> Callable[[], None] | None:
@@ -115,7 +107,7 @@ def main() -> None:
 
         return run
 
-    runs = {"generate": ours(True), "matmul": matmul_run(dtype=args.dtype)}
+    runs = {"generate": ours(True), "matmul": jax_matmul_run(args.dtype)}
     if not args.skip_recompute:
         runs["recompute"] = ours(False)
     if (hf := transformers_run(cfg, prompt, args.new)) is not None:
@@ -131,7 +123,7 @@ def main() -> None:
         "generate_tokens_per_s": per_s["generate"],
         "recompute_tokens_per_s": per_s.get("recompute"),
         "transformers_tokens_per_s": per_s.get("transformers"),
-        "compute_limit_tokens_per_s": 2 * 1024**3 / seconds["matmul"] / (2 * n_params),
+        "compute_limit_tokens_per_s": matmul_flops_per_s(seconds["matmul"]) / (2 * n_params),
     }
     if result["recompute_tokens_per_s"]:
         result["speedup_vs_recompute"] = result["generate_tokens_per_s"] / result["recompute_tokens_per_s"]

@@ -3,6 +3,22 @@
 import time
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
+
+MATMUL_N = 1024  # the square matmul whose rate is each framework's peak: 2·n³ FLOPs per call
+
+
+def jax_matmul_run(dtype: str = "float32") -> Callable[[], None]:
+    """A jitted MATMUL_N² matmul; ``matmul_flops_per_s`` turns its best time into a rate."""
+    a = jnp.ones((MATMUL_N, MATMUL_N), dtype)
+    f = jax.jit(lambda a: a @ a)
+    return lambda: f(a).block_until_ready()
+
+
+def matmul_flops_per_s(seconds: float) -> float:
+    return 2 * MATMUL_N**3 / seconds
+
 
 def best_interleaved(runs: dict[str, Callable[[], None]], repeats: int, warmups: int = 1) -> dict[str, float]:
     """Each run's best time in seconds over ``repeats``, after ``warmups`` untimed calls (compiling).

@@ -17,32 +17,24 @@ import json
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-from timing import best_interleaved
+from timing import MATMUL_N, best_interleaved, jax_matmul_run, matmul_flops_per_s
 
 from instructjax import losses, sharding, steps
 from instructjax.metrics import training_flops_per_token
 from instructjax.model import ModelConfig, Transformer, unembedding
 
 
-def matmul_run(n: int = 1024) -> Callable[[], None]:
-    """A jitted n x n f32 matmul, the machine's matmul rate for jax (2·n³ FLOPs per call)."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    return lambda: f(a).block_until_ready()
-
-
 def torch_runs(cfg: ModelConfig, batch: int, seq: int) -> dict[str, Callable[[], None]]:
-    """The transformers train step and torch's 1024² matmul; empty without torch/transformers."""
+    """The transformers train step and torch's MATMUL_N² matmul; empty without torch/transformers."""
     try:
         import torch
         import transformers
     except ImportError:
         return {}
     torch.manual_seed(0)
-    a = torch.ones(1024, 1024)
+    a = torch.ones(MATMUL_N, MATMUL_N)
     hf = transformers.GPT2Config(
         vocab_size=cfg.vocab_size,
         n_positions=cfg.max_len,
@@ -104,11 +96,11 @@ def main() -> None:
             holder[0], out = train_step(holder[0], batch)
             jax.block_until_ready(out["loss"])
 
-        runs = {"step": run, "matmul": matmul_run(), **torch_runs(cfg, args.batch, args.seq)}
+        runs = {"step": run, "matmul": jax_matmul_run(), **torch_runs(cfg, args.batch, args.seq)}
         seconds = best_interleaved(runs, args.repeats, warmups=2)
     n_tokens = args.batch * args.seq
     flops = training_flops_per_token(cfg, args.seq) * n_tokens
-    peak = 2 * 1024**3 / seconds["matmul"]
+    peak = matmul_flops_per_s(seconds["matmul"])
     result = {
         "device": jax.devices()[0].device_kind,
         "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
@@ -120,7 +112,7 @@ def main() -> None:
         "fraction_of_peak": flops / seconds["step"] / peak,
     }
     if "torch_step" in seconds:
-        torch_peak = 2 * 1024**3 / seconds["torch_matmul"]
+        torch_peak = matmul_flops_per_s(seconds["torch_matmul"])
         result.update(
             torch_tokens_per_s=n_tokens / seconds["torch_step"],
             torch_fraction_of_peak=flops / seconds["torch_step"] / torch_peak,

@@ -128,8 +128,8 @@ def test_filters_top_k_and_top_p():
 
 
 def test_inverse_cdf_draw_follows_the_softmax_and_skips_filtered_tokens():
-    # 700 tokens: two full blocks of 256 and a padded third; filtered (-inf) runs inside blocks and a
-    # whole filtered block edge. 40,000 rows of the same logits give 40,000 independent draws.
+    # 700 tokens: two full blocks of 256 and a padded third; filtered (-inf) runs at the start, across
+    # the first block edge and at the end. 40,000 rows of the same logits give 40,000 independent draws.
     rng = np.random.RandomState(0)
     logits = (2.0 * rng.randn(700)).astype(np.float32)
     logits[:10] = logits[250:262] = logits[690:] = -np.inf
