@@ -20,12 +20,20 @@ def matmul_flops_per_s(seconds: float) -> float:
     return 2 * MATMUL_N**3 / seconds
 
 
-def best_interleaved(runs: dict[str, Callable[[], None]], repeats: int, warmups: int = 1) -> dict[str, float]:
+def best_interleaved(
+    runs: dict[str, Callable[[], None]], repeats: int, warmups: int = 1, settle_s: float = 0.5
+) -> dict[str, float]:
     """Each run's best time in seconds over ``repeats``, after ``warmups`` untimed calls (compiling).
 
     The runs take turns, one repeat of each per round, so that a slow spell of a shared machine hits
     all of them alike and the ratios between them stay comparable: on a busy 2-core machine one
     framework's figure alone moved by 1.8x between runs minutes apart (docs/benchmarks.md).
+
+    Each timed call starts after ``settle_s`` seconds of sleep, so that the previous run's worker
+    threads have gone idle: thread pools spin for a while after their last parallel task (Intel
+    OpenMP's, under PyTorch, for 200 ms by default), and on 2 cores that takes CPU from whatever runs
+    next. On machine D (docs/benchmarks.md) the jit 1024² matmul timed straight after our train step
+    measured 2.2-2.9e11 FLOP/s in three runs, and 3.5-3.7e11 in two runs with the pause.
     """
     for run in runs.values():
         for _ in range(warmups):
@@ -33,6 +41,7 @@ def best_interleaved(runs: dict[str, Callable[[], None]], repeats: int, warmups:
     times = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
+            time.sleep(settle_s)
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)

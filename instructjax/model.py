@@ -294,7 +294,8 @@ class Transformer(nn.Module):
         """``segment_ids_bt`` (packed pretraining, no cache): tokens attend only within their segment
         (id > 0; 0 is padding) and positions restart at each segment; it replaces ``mask_bt``.
         ``return_hidden``: return the final-norm hidden states [B,T,D] instead of the head's output
-        (for ``losses.fused_lm_loss`` with ``unembedding(params, cfg)``)."""
+        (for ``losses.fused_lm_loss`` with ``unembedding(params, cfg)``, and for ``sampling``'s own
+        head); with ``cache=`` still ``(hidden, new_cache)``."""
         cfg = self.cfg
         batch, length = tokens_bt.shape
         if segment_ids_bt is not None:
@@ -379,9 +380,8 @@ class Transformer(nn.Module):
         if return_hidden:
             if cfg.tie_embeddings:
                 embed.attend(x_btd[:, :0])  # zero-width call: the head's params exist as in a normal init
-            return x_btd
-
-        if cfg.head == "scalar":
+            out = x_btd
+        elif cfg.head == "scalar":
             # Reward/value head. The paper's RM projects to a scalar; init N(0, 1/(d_model+1)) (paper_spec §2).
             head = Linear(
                 (1,),
@@ -405,7 +405,7 @@ class Transformer(nn.Module):
                 name="lm_head",
             )
             out = head(x_btd).astype(jnp.float32)
-        if cfg.head == "lm":
+        if cfg.head == "lm" and not return_hidden:
             out = nn.with_logical_constraint(out, ("batch", "length", "vocab"))
 
         if cache is None:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructjax.model import ModelConfig, Transformer, init_cache
+from instructjax.model import ModelConfig, Transformer, init_cache, unembedding
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -68,95 +68,117 @@ def pad_prompts(
     return tokens, mask
 
 
-def _top_p_filter(scaled_bv: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Keep the smallest set of tokens whose probability mass reaches ``top_p`` (nucleus sampling)."""
-    sorted_bv = jnp.sort(scaled_bv, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_bv, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-    kept = jnp.where(mass_before < top_p, sorted_bv, jnp.inf)
-    threshold = jnp.min(kept, axis=-1, keepdims=True)
-    return jnp.where(scaled_bv < threshold, -jnp.inf, scaled_bv)
+VOCAB_BLOCK = 256  # the sampler's block of tokens: the vocabulary is drawn from in two levels, blocks then tokens
 
 
-def _inverse_cdf_sample(key: jax.Array, scaled_bv: jax.Array, block: int = 256) -> tuple[jax.Array, jax.Array]:
-    """Exact draw from ``softmax(scaled_bv)`` with one uniform per row; returns the tokens and the
-    rows' log-normalisers ``logsumexp(scaled_bv)``, which the block masses already hold (a second
-    pass over the logits for the log-prob cost 0.6 ms of a 16 x 50257 decode step on CPU).
+def _top_p_threshold(scaled_vb: jax.Array, top_p: jax.Array) -> jax.Array:
+    """The smallest logit [B] of each row's nucleus: the fewest most likely tokens whose probability
+    mass reaches ``top_p``. Tokens below it are filtered out (nucleus sampling)."""
+    sorted_vb = jnp.sort(scaled_vb, axis=0)[::-1]
+    probs = jax.nn.softmax(sorted_vb, axis=0)
+    mass_before = jnp.cumsum(probs, axis=0) - probs  # mass of strictly more likely tokens
+    return jnp.min(jnp.where(mass_before < top_p, sorted_vb, jnp.inf), axis=0)
+
+
+def _draw(
+    key: jax.Array, scaled_vb: jax.Array, greedy: jax.Array, vocab_size: int, block: int = VOCAB_BLOCK
+) -> tuple[jax.Array, jax.Array]:
+    """One token [B] per row (column ``b``) of ``scaled_vb`` [V', B], the vocabulary first, and its
+    log-prob ``log_softmax(scaled_vb)[token]``: an exact draw from the softmax, or its argmax (the
+    first index of the maximum) where ``greedy``. Rows from ``vocab_size`` on are padding: never
+    drawn, whatever they hold (``generate``'s head gives them 0).
 
     ``jax.random.categorical`` adds Gumbel noise to every logit: B x V random numbers per step, the
     largest cost of a decode step on CPU for a 50k vocabulary. Here one uniform ``u`` per row is
     located in the cumulative distribution in two levels: among the masses of blocks of ``block``
     tokens, then within the one block it falls in. Only the block masses and that block are
     cumulated: a cumulative sum over all 16 x 50257 weights alone took 3.7 ms on CPU, and the whole
-    draw 6.9 ms against 2.1 ms now (docs/benchmarks.md).
+    draw 6.9 ms against 2.1 ms with blocks (docs/benchmarks.md). With the vocabulary first the blocks
+    are a free reshape, and the one block needed is re-read from the logits (``exp`` of block x B
+    values) instead of writing all the weights. The argmax comes from the same passes: the block
+    maxima give the maximum (the softmax's shift) and the block holding it. So a decode step reads
+    the logits twice, whether sampled or greedy.
 
     The draw never lands on a zero-weight (filtered) token: ``u`` falls strictly inside a block of
     positive mass and, within it, at the first token whose cumulative weight exceeds the rest of
     ``u``, which therefore has positive weight. Float rounding at the edges (``u`` rounding up to the
     total, or past the block's own sum) is clamped to the last positive-mass block and token.
     """
-    batch, vocab = scaled_bv.shape
-    n_blocks = -(-vocab // block)
-    top = jnp.max(scaled_bv, axis=-1, keepdims=True)
-    weights = jnp.exp(scaled_bv - top)  # filtered tokens -> 0
-    weights = jnp.pad(weights, ((0, 0), (0, n_blocks * block - vocab))).reshape(batch, n_blocks, block)
-    block_mass = jnp.sum(weights, axis=-1)
-    block_cdf = jnp.cumsum(block_mass, axis=-1)
-    u = jax.random.uniform(key, (batch, 1)) * block_cdf[:, -1:]
-    last_block = jnp.max(jnp.where(block_mass > 0, jnp.arange(n_blocks), 0), axis=-1)
-    block_idx = jnp.minimum(jnp.sum(block_cdf <= u, axis=-1), last_block)
-    mass_before = jnp.take_along_axis(block_cdf - block_mass, block_idx[:, None], axis=-1)
-    block_weights = jnp.take_along_axis(weights, block_idx[:, None, None], axis=1)[:, 0]
+    n_blocks, tail = -(-vocab_size // block), vocab_size % block
+    extra = n_blocks * block - scaled_vb.shape[0]  # > 0 for an unpadded vocabulary, < 0 for extra padding
+    scaled_vb = jnp.pad(scaled_vb, ((0, extra), (0, 0))) if extra > 0 else scaled_vb[: n_blocks * block]
+    batch = scaled_vb.shape[1]
+    blocks = scaled_vb.reshape(n_blocks, block, batch)
+    block_max = jnp.max(blocks, axis=1)  # [n_blocks, B]
+    if tail:  # the last block holds padding: its maximum and mass from its real tokens only
+        tail_vb = scaled_vb[vocab_size - tail : vocab_size]
+        block_max = block_max.at[-1].set(jnp.max(tail_vb, axis=0))
+    top = jnp.max(block_max, axis=0)
+    block_mass = jnp.sum(jnp.exp(blocks - top), axis=1)  # filtered (-inf) tokens weigh 0
+    if tail:
+        block_mass = block_mass.at[-1].set(jnp.sum(jnp.exp(tail_vb - top), axis=0))
+    block_cdf = jnp.cumsum(block_mass, axis=0)
+    block_iota = jnp.arange(n_blocks)[:, None]
+    u = jax.random.uniform(key, (batch,)) * block_cdf[-1]
+    last_block = jnp.max(jnp.where(block_mass > 0, block_iota, 0), axis=0)
+    drawn_block = jnp.minimum(jnp.sum(block_cdf <= u, axis=0), last_block)
+    top_block = jnp.min(jnp.where(block_max == top, block_iota, n_blocks - 1), axis=0)
+    block_idx = jnp.where(greedy, top_block, drawn_block)
+
+    rows = block_idx * block + jnp.arange(block)[:, None]  # [block, B]: the tokens of the block chosen
+    picked = jnp.take_along_axis(scaled_vb, rows, axis=0)
+    real = rows < vocab_size
+    weights = jnp.where(real, jnp.exp(picked - top), 0.0)
+    mass_before = jnp.take_along_axis(block_cdf - block_mass, block_idx[None], axis=0)[0]
     rest = jnp.maximum(u - mass_before, 0.0)
-    last_token = jnp.max(jnp.where(block_weights > 0, jnp.arange(block), 0), axis=-1)
-    within_idx = jnp.minimum(jnp.sum(jnp.cumsum(block_weights, axis=-1) <= rest, axis=-1), last_token)
-    return block_idx * block + within_idx, top[:, 0] + jnp.log(block_cdf[:, -1])
+    token_iota = jnp.arange(block)[:, None]
+    last_token = jnp.max(jnp.where(weights > 0, token_iota, 0), axis=0)
+    drawn = jnp.minimum(jnp.sum(jnp.cumsum(weights, axis=0) <= rest, axis=0), last_token)
+    # A row of NaNs matches no maximum: its argmax is the last real token, as for jnp.argmax's range.
+    top_token = jnp.min(jnp.where(real & (picked == top), token_iota, block - 1), axis=0)
+    within = jnp.where(greedy, top_token, drawn)
+    token = jnp.minimum(block_idx * block + within, vocab_size - 1).astype(jnp.int32)
+    chosen = jnp.take_along_axis(picked, within[None], axis=0)[0]
+    return token, chosen - (top + jnp.log(block_cdf[-1]))
 
 
-def _argmax(x_bv: jax.Array) -> jax.Array:
-    """``jnp.argmax`` over the last axis (the first index of the maximum) as two plain reductions: XLA:CPU's
-    variadic arg-reduction took 2.0 ms over 16 x 50257 logits, a max and a min 1.1 ms. A row of NaNs,
-    which matches nothing, gives the last index rather than one past the vocabulary."""
-    top = jnp.max(x_bv, axis=-1, keepdims=True)
-    index = jax.lax.broadcasted_iota(jnp.int32, x_bv.shape, x_bv.ndim - 1)
-    last = x_bv.shape[-1] - 1
-    return jnp.min(jnp.where(x_bv == top, index, last), axis=-1)
-
-
-def _logprob_of(logits_bv: jax.Array, token_b: jax.Array, log_normaliser_b: jax.Array | None = None) -> jax.Array:
-    """``log softmax(logits)[token]``; ``log_normaliser_b`` is ``logsumexp(logits)`` when already known."""
-    chosen = jnp.take_along_axis(logits_bv, token_b[:, None], axis=-1)[:, 0]
-    return chosen - (jax.nn.logsumexp(logits_bv, axis=-1) if log_normaliser_b is None else log_normaliser_b)
+def inverse_temperature(temperature: jax.Array) -> jax.Array:
+    """``1 / T``, and 1 for greedy decoding (``T <= 0``): the factor of ``sample_token``'s logits."""
+    return jnp.where(temperature > 0, 1.0 / jnp.maximum(temperature, 1e-30), 1.0)
 
 
 def sample_token(
-    logits_bv: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array
+    scaled_vb: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array, vocab_size: int
 ) -> tuple[jax.Array, jax.Array]:
-    """One token per row and its log-prob (see the module docstring). ``temperature == 0`` is greedy;
-    ``top_k == 0`` and ``top_p >= 1`` switch those filters off. ``lax.cond`` runs only the branch
-    needed (greedy or sampled; nucleus filtering only when on)."""
-    logits_bv = logits_bv.astype(jnp.float32)
+    """One token per row and its log-prob (see the module docstring) from ``scaled_vb`` [V', B]: the
+    logits times ``inverse_temperature(temperature)``, the vocabulary first (rows from ``vocab_size``
+    on are padding), which is the layout and the scaling of ``generate``'s head (``_head_vd``).
 
-    def greedy(logits):
-        token = _argmax(logits)
-        return token, _logprob_of(logits, token)
+    ``temperature <= 0`` is greedy; ``top_k == 0`` and ``top_p >= 1`` switch those filters off. The
+    temperature is folded into the head's input, the draw and the argmax share their passes
+    (``_draw``), and the ``lax.cond`` around filtering returns only the token and its log-prob, so an
+    unfiltered step writes no scaled or filtered copy of the logits: in a CPU profile such copies
+    (the division by T, and a nucleus ``lax.cond`` that returned the logits unchanged when off) and a
+    ``lax.cond`` between greedy and sampled took 0.75 ms of a 9 ms decode step."""
+    greedy = temperature <= 0
 
-    def sampled(logits):
-        scaled = logits / temperature
+    def filtered(scaled):
+        real = scaled[:vocab_size]
+        floor = jnp.full(scaled.shape[1:], -jnp.inf, scaled.dtype)
         if top_k > 0:
-            kth_largest = jax.lax.top_k(scaled, top_k)[0][:, -1:]
-            scaled = jnp.where(scaled < kth_largest, -jnp.inf, scaled)
-        scaled = jax.lax.cond(top_p < 1.0, _top_p_filter, lambda s, _: s, scaled, top_p)
-        token, log_normaliser = _inverse_cdf_sample(key, scaled)
-        token = token.astype(jnp.int32)
-        return token, _logprob_of(scaled, token, log_normaliser)
+            floor = jax.lax.top_k(real.T, top_k)[0][:, -1]  # the k-th largest
+        real = jnp.where(real < floor, -jnp.inf, real)
+        floor = jax.lax.cond(top_p < 1.0, _top_p_threshold, lambda s, _: floor, real, top_p)
+        return _draw(key, jnp.where(real < floor, -jnp.inf, real), greedy, vocab_size)
 
-    return jax.lax.cond(temperature <= 0, greedy, sampled, logits_bv)
+    use_filters = ~greedy if top_k > 0 else ~greedy & (top_p < 1.0)
+    return jax.lax.cond(use_filters, filtered, lambda s: _draw(key, s, greedy, vocab_size), scaled_vb)
 
 
-def _decode_loop(step_fn, last_logits, carry, rng, temperature, top_k, top_p, eos_id, pad_id, max_new_tokens):
-    """The shared while_loop: sample from ``last_logits``, record, then ``step_fn`` for the next logits."""
-    batch = last_logits.shape[0]
+def _decode_loop(step_fn, last_logits, carry, rng, temperature, top_k, top_p, eos_id, pad_id, max_new_tokens, vocab):
+    """The shared while_loop: sample from ``last_logits`` [V', B] (scaled, see ``sample_token``), record,
+    then ``step_fn`` for the next logits."""
+    batch = last_logits.shape[1]
     init = dict(
         t=jnp.zeros((), jnp.int32),
         last_logits=last_logits,
@@ -173,7 +195,7 @@ def _decode_loop(step_fn, last_logits, carry, rng, temperature, top_k, top_p, eo
 
     def body(s):
         rng, key = jax.random.split(s["rng"])
-        token, logprob = sample_token(s["last_logits"], key, temperature, top_k, top_p)
+        token, logprob = sample_token(s["last_logits"], key, temperature, top_k, top_p, vocab)
         live = ~s["done"]
         token = jnp.where(live, token, pad_id)
         update = lambda buf, col: jax.lax.dynamic_update_slice(buf, col[:, None], (0, s["t"]))  # noqa: E731
@@ -192,6 +214,24 @@ def _decode_loop(step_fn, last_logits, carry, rng, temperature, top_k, top_p, eo
     return Generation(final["tokens"], final["logprobs"], final["mask"], final["t"])
 
 
+def _head_vd(params: Any, cfg: ModelConfig) -> jax.Array:
+    """The output projection as [V', D] in the compute dtype, its vocabulary padded with zero rows to a
+    multiple of ``VOCAB_BLOCK``: built once per ``generate`` call, outside the decode loop.
+
+    Decoding computes the logits vocabulary-first, ``head_vd @ hidden_bd.T`` -> [V', B], rather than the
+    model's [B, V]: the same dot (the tied [V, D] embedding, contracted over D), but on CPU it took
+    2.2 ms against 3.3 ms per step of a loop for a [16, 256] x [256, 50257] head, the largest op of a
+    decode step; and the sampler's blocks are a free reshape of it (``_draw``)."""
+    head_vd = unembedding(params, cfg).T.astype(jnp.dtype(cfg.dtype))
+    return jnp.pad(head_vd, ((0, -cfg.vocab_size % VOCAB_BLOCK), (0, 0)))
+
+
+def _scaled_logits(head_vd: jax.Array, hidden_bd: jax.Array, inverse_t: jax.Array) -> jax.Array:
+    """float32 logits / T [V', B] of the last hidden states; ``1 / T`` scales the [B, D] input, not the output."""
+    hidden_bd = (hidden_bd.astype(jnp.float32) * inverse_t).astype(head_vd.dtype)
+    return jnp.einsum("vd,bd->vb", head_vd, hidden_bd).astype(jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k"))
 def _generate_cached(
     params, prompt_bt, prompt_mask_bt, rng, temperature, top_p, eos_id, pad_id, *, cfg, max_new_tokens, top_k
@@ -199,13 +239,18 @@ def _generate_cached(
     model = Transformer(cfg)
     batch, prompt_len = prompt_bt.shape
     cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
-    logits, cache = model.apply({"params": params}, prompt_bt, prompt_mask_bt, cache=cache)  # prefill
+    head_vd, inverse_t = _head_vd(params, cfg), inverse_temperature(temperature)
+    # Prefill; only the last prompt position needs logits (the head over every position cost more
+    # than a twentieth of a 128-token generate on CPU).
+    hidden, cache = model.apply({"params": params}, prompt_bt, prompt_mask_bt, cache=cache, return_hidden=True)
 
     def step(cache, token_b, t):
-        logits, cache = model.apply({"params": params}, token_b[:, None], cache=cache)
-        return logits[:, -1], cache
+        hidden, cache = model.apply({"params": params}, token_b[:, None], cache=cache, return_hidden=True)
+        return _scaled_logits(head_vd, hidden[:, -1], inverse_t), cache
 
-    return _decode_loop(step, logits[:, -1], cache, rng, temperature, top_k, top_p, eos_id, pad_id, max_new_tokens)
+    last_logits = _scaled_logits(head_vd, hidden[:, -1], inverse_t)
+    args = (temperature, top_k, top_p, eos_id, pad_id, max_new_tokens, cfg.vocab_size)
+    return _decode_loop(step, last_logits, cache, rng, *args)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k"))
@@ -217,16 +262,19 @@ def _generate_recompute(
     buffer = jnp.concatenate([prompt_bt, jnp.full((batch, max_new_tokens), pad_id, jnp.int32)], axis=1)
     buffer_mask = jnp.concatenate([prompt_mask_bt, jnp.zeros((batch, max_new_tokens), jnp.int32)], axis=1)
     logits = model.apply({"params": params}, prompt_bt, prompt_mask_bt)
+    inverse_t = inverse_temperature(temperature)
 
     def step(carry, token_b, t):
         buffer, buffer_mask = carry
         buffer = jax.lax.dynamic_update_slice(buffer, token_b[:, None], (0, prompt_len + t))
         buffer_mask = jax.lax.dynamic_update_slice(buffer_mask, jnp.ones((batch, 1), jnp.int32), (0, prompt_len + t))
         logits = model.apply({"params": params}, buffer, buffer_mask)  # the whole sequence, every step
-        return jax.lax.dynamic_index_in_dim(logits, prompt_len + t, axis=1, keepdims=False), (buffer, buffer_mask)
+        logits_bv = jax.lax.dynamic_index_in_dim(logits, prompt_len + t, axis=1, keepdims=False)
+        return logits_bv.T * inverse_t, (buffer, buffer_mask)
 
     carry = (buffer, buffer_mask)
-    return _decode_loop(step, logits[:, -1], carry, rng, temperature, top_k, top_p, eos_id, pad_id, max_new_tokens)
+    args = (temperature, top_k, top_p, eos_id, pad_id, max_new_tokens, cfg.vocab_size)
+    return _decode_loop(step, logits[:, -1].T * inverse_t, carry, rng, *args)
 
 
 def generate(

@@ -129,33 +129,60 @@ def test_filters_top_k_and_top_p():
 
 def test_inverse_cdf_draw_follows_the_softmax_and_skips_filtered_tokens():
     # 700 tokens: two full blocks of 256 and a padded third; filtered (-inf) runs at the start, across
-    # the first block edge and at the end. 40,000 rows of the same logits give 40,000 independent draws.
+    # the first block edge and at the end. 40,000 columns of the same logits give 40,000 independent
+    # draws. Padding rows past the vocabulary hold 50.0, above every real logit: never drawn.
     rng = np.random.RandomState(0)
     logits = (2.0 * rng.randn(700)).astype(np.float32)
     logits[:10] = logits[250:262] = logits[690:] = -np.inf
     draws = 40_000
-    tokens, log_norm = jax.jit(sampling._inverse_cdf_sample)(jax.random.key(3), np.tile(logits, (draws, 1)))
+    padded = np.concatenate([logits, np.full(68, 50.0, np.float32)])[:, None]  # [V', 1]
+    draw = jax.jit(sampling._draw, static_argnums=3)
+    tokens, logprobs = draw(jax.random.key(3), np.tile(padded, (1, draws)), np.False_, 700)
     tokens = np.asarray(tokens)
     probs = np.exp(logits - logits.max())
-    np.testing.assert_allclose(np.asarray(log_norm), np.log(probs.sum()) + logits.max(), rtol=1e-5)
+    log_norm = np.log(probs.sum()) + logits.max()
+    np.testing.assert_allclose(np.asarray(logprobs), logits[tokens] - log_norm, rtol=1e-5, atol=1e-5)
     probs /= probs.sum()
-    assert (probs[tokens] > 0).all()  # never a filtered token
+    assert (probs[tokens] > 0).all()  # never a filtered token, nor padding
     counts = np.bincount(tokens, minlength=700)
     kept = probs > 0
     chi2 = (((counts - draws * probs) ** 2)[kept] / (draws * probs[kept])).sum()
     dof = kept.sum() - 1  # chi-square mean dof, sd sqrt(2 dof); a block off by one gives thousands
     assert chi2 < dof + 6 * np.sqrt(2 * dof), chi2
+    # The same logits unpadded, and greedy: the argmax and its log-prob.
+    token, logprob = draw(jax.random.key(0), logits[:, None], np.True_, 700)
+    assert int(token[0]) == int(np.argmax(logits))
+    np.testing.assert_allclose(float(logprob[0]), logits.max() - log_norm, rtol=1e-5)
     # A degenerate row: one token left (top-k 1) always gives that token, with log-prob 0.
-    one = np.full((4, 700), -np.inf, np.float32)
-    one[:, 511] = 3.0
-    token, lp = sampling.sample_token(one, jax.random.key(0), np.float32(1.0), 0, np.float32(1.0))
+    one = np.full((700, 4), -np.inf, np.float32)  # [V, B]: the sampler's layout
+    one[511] = 3.0
+    token, lp = sampling.sample_token(one, jax.random.key(0), np.float32(1.0), 0, np.float32(1.0), 700)
     assert (np.asarray(token) == 511).all() and np.allclose(np.asarray(lp), 0.0)
 
 
+def test_greedy_draw_is_the_first_maximum_of_the_real_tokens():
+    # Ties go to the first index, as jnp.argmax's; a maximum in the tail block and in padding rows
+    # (which must be ignored); all-negative rows, where padding's 0 would win if it counted; NaN rows.
+    vocab = 600  # blocks of 256: two full and a tail of 88
+    rng = np.random.RandomState(1)
+    logits = rng.randn(768, 6).astype(np.float32) - 30.0
+    logits[vocab:] = 0.0  # zero padding rows, as generate's head gives them
+    logits[[40, 300], 0] = 5.0  # a tie across blocks
+    logits[590, 1] = 7.0  # the maximum in the tail block
+    logits[[3, 4], 2] = 2.0  # a tie within a block
+    logits[:, 4] = np.nan
+    draw = jax.jit(sampling._draw, static_argnums=3)
+    token, _ = draw(jax.random.key(0), logits, np.True_, vocab)
+    expected = np.argmax(logits[:vocab], axis=0)
+    expected[4] = vocab - 1  # a row of NaNs: the last real token
+    np.testing.assert_array_equal(np.asarray(token), expected)
+    assert expected[:4].tolist() == [40, 590, 3, expected[3]]
+
+
 def test_top_p_keeps_the_nucleus():
-    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
-    kept = np.asarray(sampling._top_p_filter(logits, np.float32(0.7)))
-    assert np.isfinite(kept[0, :2]).all() and np.isinf(kept[0, 2:]).all()  # 0.5 + 0.3 reaches 0.7
+    logits = np.log(np.array([[0.15, 0.5, 0.05, 0.3]], np.float32)).T  # [V, B]
+    threshold = np.asarray(sampling._top_p_threshold(logits, np.float32(0.7)))
+    np.testing.assert_allclose(threshold, np.log([0.3]), rtol=1e-6)  # 0.5 + 0.3 reaches 0.7: the nucleus ends at 0.3
 
 
 def test_sharded_sampling_equals_one_device():
