@@ -217,6 +217,14 @@ def _rm_score_fn(config: Any, stage_config: Any, rm_dir: pathlib.Path, world_dir
     return reward.policy_score_fn(rm, policy, prompts, config.eval.max_new_tokens, config.eval.batch_size)
 
 
+def _legend_or_note(ax) -> None:
+    """A legend, or a note on a panel with no curves (a stage imported rather than trained has no metrics)."""
+    if ax.lines:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no metrics recorded", ha="center", va="center", transform=ax.transAxes)
+
+
 def _plot_curves(workdir: pathlib.Path, stage_dirs: dict[str, pathlib.Path]) -> None:
     """``training_curves.png``: loss per supervised stage, scores per PPO iteration; ``ppo_vs_kl.png``: the
     RM and gold score of PPO's rollouts against their KL to the reference (cf. Gao et al.)."""
@@ -241,7 +249,7 @@ def _plot_curves(workdir: pathlib.Path, stage_dirs: dict[str, pathlib.Path]) -> 
             ax.set_xlabel("iteration")
             ax.set_ylabel("score")
             ax.set_title(name)
-            ax.legend(fontsize=7)
+            _legend_or_note(ax)
             continue
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "tokens_per_s" in r]
         val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
@@ -252,7 +260,7 @@ def _plot_curves(workdir: pathlib.Path, stage_dirs: dict[str, pathlib.Path]) -> 
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_ylabel("ranking loss (nats/prompt)" if name == "rm" else "loss (nats/token)")
-        ax.legend(fontsize=7)
+        _legend_or_note(ax)
     fig.tight_layout()
     fig.savefig(workdir / "training_curves.png", dpi=110)
     plt.close(fig)
