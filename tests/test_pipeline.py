@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -39,6 +40,29 @@ def test_build_is_keyed_by_input_contents(world_dir, tmp_path):
     changed = tfds_builder.dataset_dir("demos", {"train": demo}, tmp_path, False)
     assert changed != first
     assert len(tfds_builder.build("demos", {"train": demo}, tmp_path)["train"]) == 20 + 1
+
+
+def test_processes_building_the_same_dataset_at_once_all_succeed(world_dir, tmp_path):
+    # An ablation's worker processes start their runs together and build the same prompts dataset.
+    # Four processes wait for one start time, then build into one root; unlocked, the later ones failed
+    # to rename their copy onto the first's (FileExistsError).
+    demo = tmp_path / "d.jsonl"
+    demo.write_text((world_dir / "demos_valid.jsonl").read_text())
+    start = time.time() + 20  # past every process's imports
+    script = textwrap.dedent(f"""
+        import time
+        from instructjax.data import tfds_builder
+        time.sleep(max(0.0, {start} - time.time()))
+        print(len(tfds_builder.build("demos", {{"train": {str(demo)!r}}}, {str(tmp_path / "tfds")!r})["train"]))
+    """)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+        assert out.split()[-1] == "20"
 
 
 def test_bad_line_fails_the_build_naming_file_and_line(tmp_path):

@@ -17,6 +17,8 @@ Dolly 15k as demonstrations::
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import hashlib
 import json
 import pathlib
@@ -112,20 +114,28 @@ def build(
     import jax  # deferred: data preparation should not need jax
 
     out_dir = dataset_dir(kind, splits, root, skip_bad)
-    builder = InstructJsonl(kind=kind, splits=splits, skip_bad=skip_bad, data_dir=out_dir, file_format="array_record")
+    make_builder = functools.partial(
+        InstructJsonl, kind=kind, splits=splits, skip_bad=skip_bad, data_dir=out_dir, file_format="array_record"
+    )
     if jax.process_index() == 0:
         tfds.disable_progress_bar()  # our own progress display is the training bar
-        builder.download_and_prepare()
+        # Independent runs on one machine (an ablation's worker processes) may build the same dataset at
+        # once; unlocked, the second to finish failed renaming its copy onto the first's (FileExistsError).
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(out_dir.parent / f"{out_dir.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            builder = make_builder()  # after the lock: it sees a build another process finished
+            builder.download_and_prepare()
         for split, report in builder.reports.items():
             if report.n_skipped:
                 print(f"[data] {kind}/{split}: {report.summary()}")
+    else:
+        builder = make_builder()
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"tfds build {out_dir.name}")
-        builder = InstructJsonl(
-            kind=kind, splits=splits, skip_bad=skip_bad, data_dir=out_dir, file_format="array_record"
-        )
+        builder = make_builder()
     return {split: builder.as_data_source(split=split) for split in splits}
 
 
