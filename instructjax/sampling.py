@@ -85,8 +85,9 @@ def _draw(
 ) -> tuple[jax.Array, jax.Array]:
     """One token [B] per row (column ``b``) of ``scaled_vb`` [V', B], the vocabulary first, and its
     log-prob ``log_softmax(scaled_vb)[token]``: an exact draw from the softmax, or its argmax (the
-    first index of the maximum) where ``greedy``. Rows from ``vocab_size`` on are padding: never
-    drawn, whatever they hold (``generate``'s head gives them 0).
+    first index of the maximum) where ``greedy``. V' is ``vocab_size`` or that rounded up to a multiple
+    of ``block``; rows from ``vocab_size`` on are padding: never drawn, whatever they hold
+    (``generate``'s head gives them 0).
 
     ``jax.random.categorical`` adds Gumbel noise to every logit: B x V random numbers per step, the
     largest cost of a decode step on CPU for a 50k vocabulary. Here one uniform ``u`` per row is
@@ -105,8 +106,8 @@ def _draw(
     total, or past the block's own sum) is clamped to the last positive-mass block and token.
     """
     n_blocks, tail = -(-vocab_size // block), vocab_size % block
-    extra = n_blocks * block - scaled_vb.shape[0]  # > 0 for an unpadded vocabulary, < 0 for extra padding
-    scaled_vb = jnp.pad(scaled_vb, ((0, extra), (0, 0))) if extra > 0 else scaled_vb[: n_blocks * block]
+    if extra := n_blocks * block - scaled_vb.shape[0]:  # an unpadded vocabulary (generate's head is padded)
+        scaled_vb = jnp.pad(scaled_vb, ((0, extra), (0, 0)))
     batch = scaled_vb.shape[1]
     blocks = scaled_vb.reshape(n_blocks, block, batch)
     block_max = jnp.max(blocks, axis=1)  # [n_blocks, B]
@@ -240,8 +241,8 @@ def _generate_cached(
     batch, prompt_len = prompt_bt.shape
     cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
     head_vd, inverse_t = _head_vd(params, cfg), inverse_temperature(temperature)
-    # Prefill; only the last prompt position needs logits (the head over every position cost more
-    # than a twentieth of a 128-token generate on CPU).
+    # Prefill; only the last prompt position needs logits (the head over every position is P times
+    # the work, and the head is the largest matmul of the model).
     hidden, cache = model.apply({"params": params}, prompt_bt, prompt_mask_bt, cache=cache, return_hidden=True)
 
     def step(cache, token_b, t):

@@ -129,8 +129,6 @@ def build(
         for split, report in builder.reports.items():
             if report.n_skipped:
                 print(f"[data] {kind}/{split}: {report.summary()}")
-    else:
-        builder = make_builder()
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
