@@ -38,20 +38,24 @@ def test_lm_loss_matches_numpy():
 def test_fused_lm_loss_equals_lm_loss_in_value_and_gradients():
     rng = np.random.RandomState(1)
     hidden = jnp.asarray(rng.randn(3, 9, 16).astype(np.float32))
-    unembed = jnp.asarray(0.3 * rng.randn(16, 50).astype(np.float32))
+    unembed = jnp.asarray(0.3 * rng.randn(50, 16).astype(np.float32))  # [V, D]
     tokens, mask = jnp.asarray(rng.randint(0, 50, (3, 9))), jnp.asarray(rng.randint(0, 2, (3, 9)))
 
     def reference(h, w):
-        return 2.0 * losses.lm_loss(h @ w, tokens, mask)[0]
+        return 2.0 * losses.lm_loss(h @ w.T, tokens, mask)[0]
 
-    def fused(h, w):
-        return 2.0 * losses.fused_lm_loss(h, w, tokens, mask, 5)[0]  # 24 positions: 5 chunks, the last padded
+    # 24 positions: 5 chunks of 5, the last padded (the first chunk outside the scan, four in it); and
+    # one chunk of 32, a scan over nothing.
+    for chunk in (5, 32):
 
-    np.testing.assert_allclose(float(fused(hidden, unembed)), float(reference(hidden, unembed)), rtol=1e-6)
-    for got, want in zip(
-        jax.jit(jax.grad(fused, (0, 1)))(hidden, unembed), jax.grad(reference, (0, 1))(hidden, unembed), strict=True
-    ):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+        def fused(h, w, chunk=chunk):
+            return 2.0 * losses.fused_lm_loss(h, w, tokens, mask, chunk)[0]
+
+        np.testing.assert_allclose(float(fused(hidden, unembed)), float(reference(hidden, unembed)), rtol=1e-6)
+        for got, want in zip(
+            jax.jit(jax.grad(fused, (0, 1)))(hidden, unembed), jax.grad(reference, (0, 1))(hidden, unembed), strict=True
+        ):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
     assert int(losses.fused_lm_loss(hidden, unembed, tokens, mask)[1]) == int(mask[:, 1:].sum())
 
 

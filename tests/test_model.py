@@ -9,7 +9,7 @@ import pytest
 from conftest import load_config
 
 from instructjax import sharding
-from instructjax.model import ModelConfig, Transformer, init_cache
+from instructjax.model import ModelConfig, Transformer, grow_cache, init_cache
 
 STYLES = ["tiny", "tiny_llama"]
 MESHES = {"1 device": None, "data=8": (8, 1, 1), "fsdp=4,tensor=2": (1, 4, 2), "data=2,fsdp=2,tensor=2": (2, 2, 2)}
@@ -107,16 +107,18 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(variant):
     full = model.apply({"params": params}, tokens, mask)
 
     step = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, cache=c))
-    cache = init_cache(cfg, 4, prompt_len + new + 2)
+    cache = init_cache(cfg, 4, prompt_len + 2)  # grown after two decode steps, as generate() grows it
     logits, cache = step(params, tokens[:, :prompt_len], mask[:, :prompt_len], cache)
     outs = [logits]
     for t in range(prompt_len, prompt_len + new):
+        if t == prompt_len + 2:
+            cache = grow_cache(cfg, cache, prompt_len + new + 2)
         logits, cache = step(params, tokens[:, t : t + 1], mask[:, t : t + 1], cache)
         outs.append(logits)
     cached = jnp.concatenate(outs, axis=1)
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(full)[real], atol=1e-5, rtol=0)
-    assert int(cache["index"]) == prompt_len + new
+    assert int(cache["index"]) == prompt_len + new and cache["mask"].shape == (4, prompt_len + new + 2)
     np.testing.assert_array_equal(np.asarray(cache["next_pos"]), lengths + new)
 
 
