@@ -3,7 +3,8 @@
     python scripts/ablate.py --config=configs/ablations/ptx_coef.py --workdir=workdirs/ablations/ptx_coef
 
 γ ∈ {0, 0.1, 1, 10} (0 = plain PPO; the tiny world's PPO-ptx default is 1, the paper's 27.8 broke the
-tiny policy, docs/results.md), β 0.02, 100 iterations of 64 episodes, 8 pretraining rows per episode.
+tiny policy, docs/results.md), the tiny preset's β (0.3), 100 iterations of 64 episodes, 8 pretraining
+rows per episode.
 """
 
 from instructjax.configlib import sibling
