@@ -447,8 +447,9 @@ def grow_cache(cfg: ModelConfig, cache: Cache, max_len: int) -> Cache:
     def grow(names, x):
         if "length" not in names:
             return x
+        axis = names.index("length")
         widths = [(0, 0)] * x.ndim
-        widths[names.index("length")] = (0, max_len - x.shape[names.index("length")])
+        widths[axis] = (0, max_len - x.shape[axis])
         return jnp.pad(x, widths)
 
     return jax.tree.map(grow, cache_logical_axes(cfg), cache, is_leaf=lambda x: isinstance(x, tuple))
