@@ -27,13 +27,13 @@ def best_interleaved(
 
     The runs take turns, one repeat of each per round, so that a slow spell of a shared machine hits
     all of them alike and the ratios between them stay comparable: on a busy 2-core machine one
-    framework's figure alone moved by 1.8x between runs minutes apart (docs/benchmarks.md).
+    framework's figure alone moves a lot between runs minutes apart (docs/benchmarks.md, "Method").
 
     Each timed call starts after ``settle_s`` seconds of sleep, so that the previous run's worker
     threads have gone idle: thread pools spin for a while after their last parallel task (Intel
     OpenMP's, under PyTorch, for 200 ms by default), and on 2 cores that takes CPU from whatever runs
-    next. On machine D (docs/benchmarks.md) the jit 1024² matmul timed straight after our train step
-    measured 2.2-2.9e11 FLOP/s in three runs, and 3.5-3.7e11 in two runs with the pause.
+    next: a matmul timed straight after the train step runs markedly slower than after the pause
+    (docs/benchmarks.md, "Method").
     """
     for run in runs.values():
         for _ in range(warmups):

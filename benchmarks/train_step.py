@@ -3,9 +3,9 @@
     python benchmarks/train_step.py                  # GPT-2-shaped, ~20M params, seq 256, batch 8, AdamW
     python benchmarks/train_step.py --batch=16 --repeats=5
 
-FLOPs per step use MaxText's causal training formula (reference/performance.md §4,
-``metrics.training_flops_per_token``) for both frameworks; each is divided by its own f32 matmul rate
-measured in the same run (jit ``a @ a`` / ``torch.mm``, 1024x1024). The transformers step
+FLOPs per step use MaxText's causal training formula (``metrics.training_flops_per_token``; MaxText's
+``calculate_tflops_training_per_device``, docs/references.md) for both frameworks; each is divided by
+its own f32 matmul rate measured in the same run (jit ``a @ a`` / ``torch.mm``, 1024x1024). The transformers step
 (GPT2LMHeadModel, torch AdamW, same shapes) runs only when torch and transformers are importable.
 The steps and the matmuls take turns, one repeat of each per round (``timing.best_interleaved``), so
 a busy spell of the machine slows them alike; each figure is the best of ``--repeats``.

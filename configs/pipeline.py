@@ -45,11 +45,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The paper selects SFT checkpoints by RM score on validation prompts (§3.5). In the tiny world that kept a
     # fluke: step 800 of 2,000, whose greedy answers happened to drop the '.' the RM dislikes (RM score 0.13
     # there, about -0.45 at most other evaluations), undertrained (14% exact answers against 22% at the end),
-    # and PPO-ptx from it reached gold 0.30 against 0.37 (docs/results.md, "What changed"). Validation loss
+    # and PPO-ptx from it reached gold 0.30 against 0.37 (docs/results.md, "Why these defaults"). Validation loss
     # is the selection the tiny world supports; select_by="score" keeps the paper's rule.
     c.ppo_init.select_by = "val_loss"
     # The paper tuned epochs by geometric search and trained PPO-init for 2 (App. C.3); the 150k-parameter
-    # model is far from converged after 2 (gold 0.19 against SFT's 0.41 in an earlier world, docs/results.md),
+    # model is far from converged after 2 (gold 0.19 against SFT's 0.41 in an earlier world, docs/history.md),
     # so PPO-init gets SFT's 16 and differs from SFT by the 10% pretraining mix alone.
     c.ppo_init.num_epochs = 16.0
     c.ppo = ppo.get_config("tiny")  # stage 3, γ = 0 (policy_from / rm_from are filled in by the pipeline)

@@ -43,16 +43,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.temperature = 1.0  # rollout temperature (the paper: 1); log-probs use the same
 
     c.clip_eps = 0.2  # PPO ratio clip (the paper: 0.2)
-    c.value_clip = 0.2  # value clip around V_old ([LHP], N+; the paper does not say); 0 = unclipped
+    c.value_clip = 0.2  # around V_old (Ziegler et al. 2019's code, Huang et al. 2024; the paper: unstated); 0 = off
     c.gamma = 1.0  # no discount (the paper)
-    c.lam = 0.95  # GAE λ (the paper leaves it open; [S20], [LHP], N+: 0.95)
-    c.whiten_rewards = False  # [LHP]'s optional reward whitening (the paper does not mention it)
+    c.lam = 0.95  # GAE λ (the paper leaves it open; Stiennon et al. 2020 App. B.1, Huang et al. 2024: 0.95)
+    c.whiten_rewards = False  # optional reward whitening of Ziegler et al. 2019's code (the paper: not mentioned)
     c.reward = "rm"  # 'rm'; or 'gold': the synthetic world's gold score as the reward (an oracle ablation)
-    c.use_missing_eos_penalty = True  # replace the score of a response without EOS (N+ Detail 23)
+    c.use_missing_eos_penalty = True  # replace the score of a response without EOS (Huang et al. 2024, detail 23)
     c.missing_eos_penalty = -1.0
 
     c.kl = ml_collections.ConfigDict()
-    c.kl.mode = "fixed"  # 'fixed' (the paper: β = 0.02) or 'adaptive' (Ziegler et al.)
+    c.kl.mode = "fixed"  # 'fixed' (the paper: β = 0.02) or 'adaptive' (Ziegler et al. 2019, §2.2)
     c.kl.init_coef = 0.02  # β (the paper); the tiny presets re-tune it below
     c.kl.target = 6.0  # adaptive: target KL in nats per sequence
     c.kl.horizon = 10_000  # adaptive: episodes over which the error is corrected (K_β = batch / horizon)
@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.final_lr_fraction = 1.0  # constant after warmup (the paper)
     c.optim.b1 = 0.9
     c.optim.b2 = 0.95
-    c.optim.eps = 1e-5  # [LHP], N+
+    c.optim.eps = 1e-5  # Ziegler et al. 2019's code, Huang et al. 2024
     c.optim.weight_decay = 0.0
     c.optim.grad_clip = 1.0
     c.optim.grad_accum_steps = 1
@@ -99,14 +99,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if preset in ("tiny", "tiny_ptx"):
         # Re-tuned for the tiny world, like γ: at the paper's 0.02 the policy over-optimised the 150k-parameter
         # RM (validation gold rose to 0.38 by iteration 25, then fell back to SFT's 0.23 by 100); at 0.3 it
-        # held at 0.40 with a rollout KL of about 0.85 nats (docs/results.md, "β").
+        # held at 0.40 with a rollout KL of about 0.85 nats (docs/results.md, "Why these defaults").
         c.kl.init_coef = 0.3
     if preset == "tiny":
         pass
     elif preset == "tiny_ptx":
-        # Re-tuned for the tiny world (paper_spec §3.4 says to): the paper's 27.8 made the pretraining term
+        # Re-tuned for the tiny world (the paper does not say how γ's loss is normalised): its 27.8 made the term
         # dominate and the tiny policy fell back to the base model's never-stopping continuations (gold
-        # 0.006, no EOS on any test prompt); 1.0 keeps the held-out pretraining NLL below PPO's (docs/results.md).
+        # 0.006, no EOS on any test prompt); 1.0 keeps the held-out pretraining NLL below PPO's (docs/ablations.md).
         c.ptx_coef = 1.0
     elif preset in ("paper_1p3b", "paper_6b"):
         c.batch_size = 512

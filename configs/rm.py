@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = "rm"  # informational: which trainer this config is for
     c.model = model_presets.model_config("tiny")  # must match the SFT model it starts from
-    c.model.head = "scalar"  # the unembedding replaced by a scalar projection (paper_spec §2)
+    c.model.head = "scalar"  # the unembedding replaced by a scalar projection (§3.5, App. C)
     c.model.dropout_rate = 0.0  # the paper states none for the RM
 
     c.data = ml_collections.ConfigDict()

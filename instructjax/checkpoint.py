@@ -1,11 +1,15 @@
 """Checkpoints with orbax: save, automatic resume, restore onto any mesh, params-only hand-off.
 
-A stage's ``workdir/checkpoints/<step>/`` holds four items written together:
+A stage's ``workdir/checkpoints/<step>/`` holds these items, written together:
 
 - ``params``: the model params (the only item another stage needs: ``load_params``),
-- ``train``: the rest of the ``TrainState`` (step, optimizer state, RNG, skip counter),
-- ``data``: the grain iterator state of each process (resume continues the data order exactly),
+- ``train``: the rest of the state (``steps.TrainState``, or PPO's ``ppo_steps.PPOState``: step, optimizer
+  states, RNG, skip counter; PPO's value model and β too),
+- ``data_<name>``: the grain iterator state of each data iterator the stage checkpoints (``data_train``,
+  ``data_ptx``, ``data_prompts``), per process, so resume continues the data order exactly,
 - ``meta``: JSON (the loop's own state: best eval so far, elapsed time, ...).
+
+``workdir/best/<step>/`` holds ``params`` alone: the best evaluation so far (``save_best``).
 
 Saves are asynchronous (training continues while the files are written); ``close`` waits. Restores
 go through abstract targets that carry shardings, so a checkpoint written on one mesh restores onto

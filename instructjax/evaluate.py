@@ -1,124 +1,26 @@
-"""Load a trained stage and measure it: samples on held-out prompts, the synthetic world's gold score.
+"""Measure trained policies: samples on held-out prompts, the synthetic world's gold score, the RM's score,
+KL to a reference and the alignment tax; the paper's comparison of models (``compare_models``).
 
-``load_stage(workdir)`` rebuilds the model from the stage's ``config.json`` and loads its params
-(latest or best checkpoint). ``sample_texts`` decodes responses with ``sampling.generate``;
-``gold_eval`` scores them with ``world.gold_score`` (the stand-in for the paper's human evaluation).
+Loading a stage and sampling from it are ``stage.load_stage`` and ``stage.sample_texts``; the gold score
+(``world_tasks.gold_score``) stands in for the paper's human evaluation.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import pathlib
+import random
 from collections.abc import Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
-from instructjax import checkpoint, sampling, sharding
-from instructjax.model import ModelConfig, Transformer
-from instructjax.tokenizer import Tokenizer, load_tokenizer
-
-
-@dataclasses.dataclass
-class Stage:
-    """A trained stage, ready to sample from."""
-
-    config: ml_collections.ConfigDict
-    model_cfg: ModelConfig
-    params: Any
-    tokenizer: Tokenizer
-    mesh: jax.sharding.Mesh
-    rules: sharding.Rules
-
-
-def stage_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """The ``config.json`` a stage wrote into its workdir (an error naming the file if there is none)."""
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: is {workdir} a finished stage's workdir?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def load_stage(workdir: str | pathlib.Path, best: bool = False, mesh_shape: Sequence[int] | None = None) -> Stage:
-    """The model, params (latest checkpoint, or the best evaluation with ``best``) and tokenizer of a stage."""
-    workdir = pathlib.Path(workdir)
-    config = stage_config(workdir)
-    cfg = dataclasses.replace(ModelConfig.from_dict(config.model), dropout_rate=0.0)
-    mesh = sharding.make_mesh(mesh_shape or config.mesh_shape)
-    rules = sharding.as_rules(config.rules)
-    model = Transformer(cfg)
-    params = checkpoint.load_params(workdir, *sharding.model_shardings(model, mesh, rules), best=best)
-    world = pathlib.Path(config.data.world_dir)
-    tokenizer = load_tokenizer(config.data.tokenizer or world / "tokenizer.json")
-    return Stage(config, cfg, params, tokenizer, mesh, rules)
-
-
-def random_stage(config: Any, tokenizer: Tokenizer) -> Stage:
-    """An untrained model of ``config`` (for trying the sampler)."""
-    cfg = ModelConfig.from_dict(config.model)
-    mesh, rules = sharding.make_mesh(config.mesh_shape), sharding.as_rules(config.rules)
-    params, _ = sharding.init_params(
-        Transformer(cfg), jax.random.key(config.seed), np.zeros((1, 8), np.int32), mesh, rules
-    )
-    return Stage(config, cfg, params, tokenizer, mesh, rules)
-
-
-def sample_texts(
-    stage: Stage,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 16,
-    batch_size: int = 64,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    template: str | None = None,
-) -> list[tuple[str, bool]]:
-    """``(response text before EOS, whether it stopped)`` for each prompt, in order.
-
-    Prompts are batched ``batch_size`` at a time (the last batch padded with repeats, which are dropped),
-    so every call of one size compiles once per prompt bucket.
-    """
-    tok = stage.tokenizer
-    out: list[tuple[str, bool]] = []
-    rng = jax.random.key(seed)
-    with sharding.use(stage.mesh, stage.rules):
-        for start, n, prompt, prompt_mask in _prompt_batches(stage, prompts, batch_size, template):
-            gen = sampling.generate(
-                stage.params,
-                stage.model_cfg,
-                prompt,
-                prompt_mask,
-                jax.random.fold_in(rng, start),
-                max_new_tokens=max_new_tokens,
-                eos_id=tok.eos_id,
-                pad_id=tok.pad_id,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-            )
-            gen_tokens = sharding.to_host(gen.tokens)
-            out += [tok.decode_response(gen_tokens[i].tolist()) for i in range(n)]
-    return out
-
-
-def _prompt_batches(stage: Stage, prompts: Sequence[str], batch_size: int, template: str | None = None):
-    """``(start, real rows, prompt [B,P], prompt_mask [B,P])`` global batches of the templated, left-padded
-    prompts; B is ``batch_size`` rounded up to the batch shards, the last batch padded with repeats."""
-    template = template or stage.config.data.get("prompt_template", "{prompt}")
-    divisor = sharding.batch_divisor(stage.mesh, stage.rules)
-    batch_size = divisor * -(-batch_size // divisor)
-    for start in range(0, len(prompts), batch_size):
-        ids = [stage.tokenizer.encode(template.format(prompt=p)) for p in prompts[start : start + batch_size]]
-        n = len(ids)
-        ids += [ids[-1]] * (batch_size - n)
-        tokens, mask = sampling.pad_prompts(ids, stage.tokenizer.pad_id)
-        yield (start, n, *sharding.put_global((tokens, mask), stage.mesh, stage.rules))
+from instructjax import losses, reward, sampling, scoring, sharding
+from instructjax.data import pipeline, tfds_builder, world, world_tasks
+from instructjax.model import Transformer
+from instructjax.stage import Stage, load_stage, prompt_batches, sample_texts
 
 
 def gold_eval(stage: Stage, prompts: Sequence[str], gold: bool = True, **sample_kwargs: Any) -> dict[str, Any]:
@@ -126,8 +28,6 @@ def gold_eval(stage: Stage, prompts: Sequence[str], gold: bool = True, **sample_
     with every (prompt, response, gold) for the report. ``gold_by_family`` is the mean gold score per
     task family (a prompt's first word), where the reward model's skill differs most. ``gold=False``
     (data that is not the synthetic world, which has no gold score) leaves the gold entries out."""
-    from instructjax.data import world
-
     responses = sample_texts(stage, prompts, **sample_kwargs)
     rows = [
         {"prompt": p, "response": text, "stopped": stopped}
@@ -137,7 +37,7 @@ def gold_eval(stage: Stage, prompts: Sequence[str], gold: bool = True, **sample_
     if gold:
         by_family: dict[str, list[float]] = {}
         for row in rows:
-            row["gold"] = world.gold_score(row["prompt"], row["response"], row["stopped"])
+            row["gold"] = world_tasks.gold_score(row["prompt"], row["response"], row["stopped"])
             by_family.setdefault(row["prompt"].split()[0], []).append(row["gold"])
         gold_entries = {
             "gold_score": float(np.mean([r["gold"] for r in rows])),
@@ -153,9 +53,6 @@ def gold_eval(stage: Stage, prompts: Sequence[str], gold: bool = True, **sample_
 
 def pretrain_nll(stage: Stage, text_file: str | pathlib.Path, seq_len: int = 128, batches: int = 8) -> float:
     """Mean next-token NLL on held-out pretraining text: the alignment-tax probe (lower is better)."""
-    from instructjax import losses
-    from instructjax.data import pipeline, tfds_builder
-
     # the stage's TFDS cache, else one beside the text (an imported model's workdir names no data)
     cache = stage.config.data.get("cache_dir") or pathlib.Path(text_file).parent / "tfds"
     seq_len = min(seq_len, stage.model_cfg.max_len)  # rows longer than the model's context would read junk
@@ -189,14 +86,11 @@ def rm_agreement(
     prefers the one with the higher gold score. Returns the overall share, the share per task family (the
     prompt's first word), the number of pairs and the samples' mean gold score. 0.5 is chance.
     """
-    from instructjax import reward
-    from instructjax.data import world
-
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]
     responses = sample_texts(policy, repeated, temperature=1.0, batch_size=512, seed=seed)
     texts, stopped = zip(*responses, strict=True)
     scores = reward.score_texts(rm, repeated, texts, stopped, batch_size=512).reshape(len(prompts), -1)
-    gold = np.asarray([world.gold_score(p, t, s) for p, t, s in zip(repeated, texts, stopped, strict=True)])
+    gold = np.asarray([world_tasks.gold_score(p, t, s) for p, t, s in zip(repeated, texts, stopped, strict=True)])
     gold = gold.reshape(len(prompts), -1)
     agree: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompts):
@@ -236,10 +130,6 @@ def label_policy_samples(
     ``k_max`` in all: the paper's rankings compared outputs of several policies at once, so a policy's
     answers get ranked against better ones, not only against each other.
     """
-    import random
-
-    from instructjax.data import world
-
     temperature = world.LABELER_TEMPERATURE if labeler_temperature is None else labeler_temperature
     rng = random.Random(seed)
     repeated = [p for p in prompts for _ in range(k_max)]
@@ -283,28 +173,39 @@ def kl_to_reference(
     tok = stage.tokenizer
     total, rng = 0.0, jax.random.key(seed)
     with sharding.use(stage.mesh, stage.rules):
-        for start, n, prompt, prompt_mask in _prompt_batches(stage, prompts, batch_size):
+        for start, n, prompt, prompt_mask in prompt_batches(stage, prompts, batch_size):
             gen = sampling.generate(
-                stage.params, stage.model_cfg, prompt, prompt_mask, jax.random.fold_in(rng, start),
-                max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=1.0,
-            )  # fmt: skip
+                stage.params,
+                stage.model_cfg,
+                prompt,
+                prompt_mask,
+                jax.random.fold_in(rng, start),
+                max_new_tokens=max_new_tokens,
+                eos_id=tok.eos_id,
+                pad_id=tok.pad_id,
+                temperature=1.0,
+            )
             per_row = _sequence_kl(
-                stage.params, reference.params, prompt, prompt_mask, gen.tokens, gen.mask,
-                cfg=stage.model_cfg, ref_cfg=reference.model_cfg,
-            )  # fmt: skip
+                stage.params,
+                reference.params,
+                prompt,
+                prompt_mask,
+                gen.tokens,
+                gen.mask,
+                cfg=stage.model_cfg,
+                ref_cfg=reference.model_cfg,
+            )
             total += float(sharding.to_host(per_row)[:n].sum())
     return total / max(len(prompts), 1)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "ref_cfg"))
 def _sequence_kl(params, ref_params, prompt, prompt_mask, response, response_mask, cfg, ref_cfg):
-    from instructjax import rollout
-
     tokens = jax.numpy.concatenate([prompt, response], axis=1)
     mask = jax.numpy.concatenate([prompt_mask, response_mask], axis=1)
     p = prompt.shape[1]
-    logp, _ = rollout.response_logprobs(Transformer(cfg), params, tokens, mask, p, 1.0)
-    ref_logp, _ = rollout.response_logprobs(Transformer(ref_cfg), ref_params, tokens, mask, p, 1.0)
+    logp, _ = scoring.response_logprobs(Transformer(cfg), params, tokens, mask, p, 1.0)
+    ref_logp, _ = scoring.response_logprobs(Transformer(ref_cfg), ref_params, tokens, mask, p, 1.0)
     return ((logp - ref_logp) * response_mask).sum(axis=1)
 
 
@@ -322,8 +223,6 @@ def measure_policy(
     """One policy on ``prompts``, greedy: ``gold_eval``'s entries (``samples`` with each response's RM score
     as ``rm``), ``rm_score`` (the mean under ``rm``, a ``reward.RewardModel``), ``kl_to_reference`` (on the
     policy's own samples for the first ``kl_prompts``) and ``pretrain_nll`` on ``pretrain_file``."""
-    from instructjax import reward
-
     result = gold_eval(stage, prompts, gold, max_new_tokens=max_new_tokens, batch_size=batch_size)
     samples = result["samples"]
     texts, stopped = [r["response"] for r in samples], [r["stopped"] for r in samples]
@@ -362,8 +261,6 @@ def compare_models(
     The models named in ``best`` are evaluated at their selected checkpoint (``workdir/best``), the others
     at their latest.
     """
-    from tqdm.auto import tqdm
-
     if baseline not in workdirs:
         raise ValueError(f"baseline {baseline!r} is not one of the models {sorted(workdirs)}")
     reference = load_stage(workdirs[baseline], best=baseline in best)

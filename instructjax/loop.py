@@ -31,6 +31,49 @@ from jax.experimental import multihost_utils
 from instructjax import checkpoint, metrics, steps
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How ``run`` drives one stage, built once from its config by ``settings``."""
+
+    name: str  # the stage (``config.stage``): the progress bar's label
+    total_steps: int  # counted steps (optimizer updates; PPO iterations)
+    select: tuple[str, str]  # (evaluation metric, "min" | "max"): which evaluation keeps ``workdir/best``
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    nan_policy: str  # "stop": a non-finite loss, gradient or update stops the run naming the step; "skip"
+    micro_steps: int = 1  # ``step_fn`` calls per counted step (gradient accumulation)
+    flops_per_token: float = 0.0  # training FLOPs per computed token, for the MFU column (0: no MFU)
+    eval_at_start: bool = False  # also evaluate the initial params (step 0; not a candidate for ``best``)
+    progress_keys: tuple[str, ...] = ("loss", "tokens_per_s", "mfu")  # logged metrics shown on the progress bar
+
+    def __post_init__(self):
+        if self.select[1] not in ("min", "max"):
+            raise ValueError(f"select direction {self.select[1]!r}: expected 'min' or 'max'")
+        if self.nan_policy not in ("stop", "skip"):
+            raise ValueError(f"config.nan_policy={self.nan_policy!r}: expected 'stop' or 'skip'")
+        for name in ("total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "micro_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+
+
+def settings(config: Any, *, total_steps: int, select: tuple[str, str], **fields: Any) -> Settings:
+    """The ``Settings`` of a stage: its config's ``stage``, ``log_every``, ``eval_every``, ``checkpoint_every``,
+    ``keep_checkpoints`` and ``nan_policy``, with ``total_steps``, ``select`` and any other field given."""
+    return Settings(
+        name=config.stage,
+        total_steps=total_steps,
+        select=select,
+        log_every=config.log_every,
+        eval_every=config.eval_every,
+        checkpoint_every=config.checkpoint_every,
+        keep_checkpoints=config.keep_checkpoints,
+        nan_policy=config.nan_policy,
+        **fields,
+    )
+
+
 @dataclasses.dataclass
 class Result:
     state: Any
@@ -40,7 +83,7 @@ class Result:
 
 
 def run(
-    config: Any,
+    settings: Settings,
     workdir: pathlib.Path,
     *,
     state: Any,
@@ -48,31 +91,24 @@ def run(
     iters: dict[str, Any],
     step_fn: Callable[[Any], tuple[Any, dict]],
     evaluate: Callable[[Any], dict[str, float]],
-    total_steps: int,
-    select: tuple[str, str],
     start_info: dict[str, Any],
-    micro_steps: int = 1,
     lr_fn: Callable[[int], float] | None = None,
-    flops_per_token: float = 0.0,
     started_at: float | None = None,
-    eval_at_start: bool = False,
-    progress_keys: tuple[str, ...] = ("loss", "tokens_per_s", "mfu"),
 ) -> Result:
-    """Run ``step_fn`` to ``total_steps`` (resuming if a checkpoint exists); see the module docstring.
+    """Run ``step_fn`` to ``settings.total_steps`` (resuming if a checkpoint exists); see the module docstring.
 
-    ``state`` is a ``steps.TrainState``-like struct (``step``, ``params``, ``skipped_steps``); ``evaluate(params)``
-    returns metrics; ``select = (metric, "min" | "max")`` picks ``workdir/best``; ``started_at``
-    (``time.perf_counter()`` when the stage began) counts set-up time into ``wall_seconds``;
-    ``eval_at_start`` also evaluates the initial params (step 0; not a candidate for ``best``);
-    ``progress_keys`` are the logged metrics shown on the progress bar.
+    ``state`` is a ``steps.TrainState``-like struct (``step``, ``params``, ``skipped_steps``) sharded as
+    ``state_shardings``; ``iters`` the data iterators whose state is checkpointed; ``evaluate(params)`` returns
+    metrics; ``start_info`` goes into the first metrics row; ``lr_fn(step)`` is logged; ``started_at``
+    (``time.perf_counter()`` when the stage began) counts set-up time into ``wall_seconds``.
     """
+    s = settings
+    total_steps, micro_steps = s.total_steps, s.micro_steps  # read often below
     wall_start = started_at or time.perf_counter()
-    key, direction = select
-    if direction not in ("min", "max"):
-        raise ValueError(f"select direction {direction!r}: expected 'min' or 'max'")
+    key, direction = s.select
 
     # ----------------------------------------------------------------- Restore (automatic resume)
-    ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+    ckpt = checkpoint.Checkpointer(workdir, keep=s.keep_checkpoints)
     meta = {"best": None, "best_step": None, "evals": [], "train_seconds": 0.0, "wall_seconds": 0.0}
     restored = ckpt.restore(state, state_shardings, iters)
     if restored is not None:
@@ -80,14 +116,14 @@ def run(
     start_step = int(state.step) // micro_steps
 
     # ----------------------------------------------------------------- Loop
-    writer = metrics.MetricsWriter(workdir, total_steps, resume_step=start_step, desc=config.stage)
+    writer = metrics.MetricsWriter(workdir, total_steps, resume_step=start_step, desc=s.name)
     peak = metrics.peak_flops_per_device() * jax.device_count()
     writer.write(
         start_step,
         {"event": "start", "total_steps": total_steps, "devices": jax.device_count(), "resumed": restored is not None}
         | start_info,
     )
-    if eval_at_start and start_step == 0 and not meta["evals"]:  # the starting point, for curves and comparison
+    if s.eval_at_start and start_step == 0 and not meta["evals"]:  # the starting point, for curves and comparison
         result = evaluate(state.params)
         meta["evals"].append({"step": 0, **result})
         writer.write(0, result)
@@ -103,7 +139,7 @@ def run(
                 for _ in range(micro_steps):
                     t0 = time.perf_counter()
                     state, out = step_fn(state)
-                    if config.nan_policy == "stop":
+                    if s.nan_policy == "stop":
                         steps.check_finite(step + 1, {k: out[k] for k in ("loss", "grad_norm", "finite") if k in out})
                     if not compiled:  # the first step's time is compilation, kept out of throughput
                         compiled = True
@@ -113,22 +149,22 @@ def run(
                         real_since += float(out.get("real_tokens", 0.0))
                         computed_since += float(out.get("computed_tokens", 0.0))
                 done = step + 1
-                if done % config.log_every == 0 or done == total_steps:
+                if done % s.log_every == 0 or done == total_steps:
                     elapsed = max(time.perf_counter() - timer, 1e-9)
                     row = {k: float(v) for k, v in out.items() if k != "finite"}
                     row.update(
                         tokens_per_s=real_since / elapsed,  # non-pad tokens
-                        mfu=computed_since / elapsed * flops_per_token / peak,  # every computed position
+                        mfu=computed_since / elapsed * s.flops_per_token / peak,  # every computed position
                         skipped_steps=int(state.skipped_steps),
                     )
                     if lr_fn is not None:
                         row["lr"] = float(lr_fn(done))
                     writer.write(done, row)
-                    writer.progress(done, **{k: row[k] for k in progress_keys if k in row})
+                    writer.progress(done, **{k: row[k] for k in s.progress_keys if k in row})
                     meta["train_seconds"] += elapsed
                     real_since = computed_since = 0.0
                     timer = time.perf_counter()
-                if done % config.eval_every == 0 or done == total_steps:
+                if done % s.eval_every == 0 or done == total_steps:
                     result = evaluate(state.params)
                     value = result[key]
                     if meta["best"] is None or (value < meta["best"] if direction == "min" else value > meta["best"]):
@@ -137,7 +173,7 @@ def run(
                     meta["evals"].append({"step": done, **result})
                     writer.write(done, {**result, f"best_{key}": meta["best"]})
                     timer = time.perf_counter()
-                if done % config.checkpoint_every == 0 or done == total_steps:
+                if done % s.checkpoint_every == 0 or done == total_steps:
                     meta["wall_seconds"] += time.perf_counter() - wall_start  # this run's share, saved with the step
                     wall_start = time.perf_counter()
                     ckpt.save(state, iters, meta)

@@ -3,7 +3,8 @@
 Process 0 writes; other processes get a writer that does nothing. On resume the JSONL file is cut back
 to the restored step, so a killed-and-rerun stage has one line per step, as if it never stopped.
 
-MFU uses the MaxText convention with causal attention (reference/performance.md §4): per token,
+MFU uses the MaxText convention with causal attention (``calculate_tflops_training_per_device`` in MaxText's
+``maxtext_utils.py``; docs/references.md): per token,
 ``6·N_matmul + 6·L·T·Hq·Q`` FLOPs for training (forward + backward), where N_matmul counts the
 QKV, output, MLP and unembedding matrices (not the embedding lookup).
 """
@@ -20,7 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 
-# Dense bf16 peak FLOP/s per chip (reference/performance.md §0). CPUs are measured at start-up.
+# Dense bf16 peak FLOP/s per chip: the TPU tables of the JAX scaling book ("How to Scale Your Model", tpus.md)
+# and MaxText's performance_metrics.md for v6e; GPUs as Levanter's flop_utils.py. CPUs are measured at start-up.
 PEAK_FLOPS = {
     "TPU v4": 2.75e14,
     "TPU v5 lite": 1.97e14,

@@ -13,22 +13,14 @@ always attends to itself as well as to the real keys before it, so no row of the
 empty: a pad query is well defined under any masking implementation (an all-masked row would be
 uniform with a finite fill, NaN with -inf). Pad outputs are meaningless and masked by every loss.
 
-KV cache. ``init_cache`` returns an explicit pytree::
-
-    {'layers': {'k': [L,B,K,S,H], 'v': [L,B,K,S,H]}  (a list of per-layer dicts when layers are not
-                                                       scanned),
-     'mask':     [B,S] bool   which slots hold a real token,
-     'index':    []    int32  the next slot to write (the same for every row),
-     'next_pos': [B]   int32  each row's next position id}
-
-Calling the model with ``cache=`` appends the chunk ``tokens_bt`` at ``index``: a whole left-padded
-prompt (prefill) or one token per row (decode) go through the same code, and the call returns
-``(output, new_cache)``. Slots are in time order, so causality is ``slot_key <= slot_query``.
+KV cache. ``kv_cache.init_cache`` returns an explicit pytree (``kv_cache.py`` shows it). Calling the model
+with ``cache=`` appends the chunk ``tokens_bt`` at ``index``: a whole left-padded prompt (prefill) or one
+token per row (decode) go through the same code, and the call returns ``(output, new_cache)``. Slots are in
+time order, so causality is ``slot_key <= slot_query``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -37,78 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from instructjax.kv_cache import Cache
+from instructjax.model_config import REMAT_POLICIES, ModelConfig
+
 Array = jax.Array
-Cache = dict[str, Any]
-
-_REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole block on the backward pass
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Architecture and numerics. ``configs/model.py`` documents every field and holds the presets."""
-
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    d_ff: int
-    n_kv_heads: int = 0  # 0 means n_heads (no grouped-query attention)
-    head_dim: int = 0  # 0 means d_model // n_heads
-    max_len: int = 1024
-    positions: str = "learned"  # 'learned' (GPT-2) or 'rope' (Llama)
-    rope_theta: float = 10000.0
-    norm: str = "layernorm"  # 'layernorm' (GPT-2) or 'rmsnorm' (Llama)
-    norm_eps: float = 1e-5
-    mlp: str = "gelu"  # 'gelu' (GPT-2, tanh approximation) or 'swiglu' (Llama)
-    use_bias: bool = True  # biases on every dense layer and norm (GPT-2)
-    qkv_bias: bool = False  # biases on q/k/v only (Qwen2); implied by use_bias
-    tie_embeddings: bool = True  # lm head = token embedding transposed (GPT-2)
-    head: str = "lm"  # 'lm' -> logits [B,T,V]; 'scalar' -> one value per token [B,T]
-    dropout_rate: float = 0.0  # embedding and residual dropout (the paper's SFT uses 0.2)
-    attention_dropout_rate: float = 0.0
-    init_std: float = 0.02
-    dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"
-    remat: str = "none"  # 'none', 'full' or 'dots'
-    scan_layers: bool = False
-
-    def __post_init__(self):
-        choices = {
-            "positions": ("learned", "rope"),
-            "norm": ("layernorm", "rmsnorm"),
-            "mlp": ("gelu", "swiglu"),
-            "head": ("lm", "scalar"),
-            "remat": ("none", *_REMAT_POLICIES),
-        }
-        for field, allowed in choices.items():
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"model.{field}={getattr(self, field)!r}: expected one of {allowed}")
-        if self.d_model % self.n_heads and not self.head_dim:
-            raise ValueError(f"model.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
-        if self.num_kv_heads <= 0 or self.n_heads % self.num_kv_heads:
-            raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.num_kv_heads}")
-        if self.positions == "rope" and self.dim_per_head % 2:
-            raise ValueError(f"rope needs an even head_dim, got {self.dim_per_head}")
-
-    @classmethod
-    def from_dict(cls, d: Any) -> ModelConfig:
-        """From a ``ConfigDict`` or dict; unknown keys are an error naming the key."""
-        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}")
-        return cls(**d)
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def dim_per_head(self) -> int:
-        return self.head_dim or self.d_model // self.n_heads
 
 
 def _dtype(name: str) -> jnp.dtype:
@@ -175,9 +99,9 @@ def _attention(q_btnh, k, v, mask_b1ts, dropout, kv_layout: str = "bskh"):
 
     The N = K*G query heads attend in K groups of G, folded into the query axis ([B,K,G*T,H]), so both
     matmuls are plain [B,K]-batched ones and grouped-query attention never copies the keys. The
-    softmax's division is deferred to the output (below). Forward and backward for [8,256,4,64] on
-    CPU took 13-18 ms, against 16-25 ms with the division in place and 20-39 ms for
-    ``jax.nn.dot_product_attention``'s XLA path, which it matches to 2e-6 (benchmarks.md).
+    softmax's division is deferred to the output (below). On CPU, forward and backward, this is faster
+    than the division in place and than ``jax.nn.dot_product_attention``'s XLA path, which it matches
+    to 2e-6 (docs/benchmarks.md has the measurements).
     """
     b, t, n, h = q_btnh.shape
     k_heads = k.shape[kv_layout.index("k")]
@@ -362,7 +286,7 @@ class Transformer(nn.Module):
 
         block = Block
         if cfg.remat != "none":
-            block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         layer_kv = None if cache is None else cache["layers"]
         if cfg.scan_layers:
             scanned = nn.scan(
@@ -388,7 +312,8 @@ class Transformer(nn.Module):
                 embed.attend(x_btd[:, :0])  # zero-width call: the head's params exist as in a normal init
             out = x_btd
         elif cfg.head == "scalar":
-            # Reward/value head. The paper's RM projects to a scalar; init N(0, 1/(d_model+1)) (paper_spec §2).
+            # Reward/value head: the paper's RM projects to a scalar (§3.5, App. C); init N(0, 1/(d_model+1)),
+            # as in Stiennon et al. 2020, App. B.1 (docs/references.md).
             head = Linear(
                 (1,),
                 ("embed", None),
@@ -423,46 +348,6 @@ class Transformer(nn.Module):
             "next_pos": cache["next_pos"] + mask_bt.sum(axis=1, dtype=jnp.int32),
         }
         return out, new_cache
-
-
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:
-    """An empty KV cache with ``max_len`` slots per row (prompt plus generated tokens)."""
-    dtype = _dtype(dtype or cfg.dtype)
-    shape = (batch, cfg.num_kv_heads, max_len, cfg.dim_per_head)
-    if cfg.scan_layers:
-        layers = {"k": jnp.zeros((cfg.n_layers, *shape), dtype), "v": jnp.zeros((cfg.n_layers, *shape), dtype)}
-    else:
-        layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
-    return {
-        "layers": layers,
-        "mask": jnp.zeros((batch, max_len), jnp.bool_),
-        "index": jnp.zeros((), jnp.int32),
-        "next_pos": jnp.zeros((batch,), jnp.int32),
-    }
-
-
-def grow_cache(cfg: ModelConfig, cache: Cache, max_len: int) -> Cache:
-    """``cache`` with empty slots appended up to ``max_len``: what it holds is unchanged."""
-
-    def grow(names, x):
-        if "length" not in names:
-            return x
-        axis = names.index("length")
-        widths = [(0, 0)] * x.ndim
-        widths[axis] = (0, max_len - x.shape[axis])
-        return jnp.pad(x, widths)
-
-    return jax.tree.map(grow, cache_logical_axes(cfg), cache, is_leaf=lambda x: isinstance(x, tuple))
-
-
-def cache_logical_axes(cfg: ModelConfig) -> Cache:
-    """Logical axis names of every cache leaf, in the structure of ``init_cache``."""
-    kv = ("batch", "kv_heads", "length", "head_dim")
-    if cfg.scan_layers:
-        layers = {"k": ("layers", *kv), "v": ("layers", *kv)}
-    else:
-        layers = [{"k": kv, "v": kv} for _ in range(cfg.n_layers)]
-    return {"layers": layers, "mask": ("batch", "length"), "index": (), "next_pos": ("batch",)}
 
 
 def unembedding(params: Any, cfg: ModelConfig) -> Array:

@@ -1,14 +1,11 @@
 """The reward model as a scorer: the scalar head read at the EOS token, minus the normalisation bias.
 
-Where the reward is read (the paper leaves it open, paper_spec §2): at the **last real token** of
-prompt ⊕ response. Every well-formed sequence ends with its EOS, so that is the EOS token (as in N+
-Detail 12); RM training data is right-padded and PPO rollouts are a left-padded prompt followed by a
-right-padded response, and "last position whose mask is 1" finds the EOS in both layouts. A response
-with no EOS (cut at the length limit) is read at its last token; PPO replaces that score by the
-missing-EOS penalty.
+The reward of a sequence is read at its last real token, the EOS of every well-formed sequence
+(``scoring.last_token``, where the choice the paper leaves open is explained). A response with no EOS (cut
+at the length limit) is read at its last token; PPO replaces that score by the missing-EOS penalty.
 
-Bias normalisation (§3.5): after training, ``train_rm`` stores the mean raw reward of the SFT
-demonstrations in ``<rm workdir>/reward_bias.json``; every public scorer here subtracts it, so the
+Bias normalisation (Ouyang et al. 2022, §3.5): after training, ``train_rm`` stores the mean raw reward of
+the SFT demonstrations in ``<rm workdir>/reward_bias.json``; every public scorer here subtracts it, so the
 demonstrations score 0 on average.
 """
 
@@ -22,42 +19,26 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from instructjax import evaluate, sharding
+from instructjax import scoring, sharding
 from instructjax.data import formats
 from instructjax.model import ModelConfig, Transformer
+from instructjax.stage import Stage, load_stage, sample_texts
 
 BIAS_FILE = "reward_bias.json"
 
 
-def last_token(values_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
-    """``values_bt[b, t_b]`` where ``t_b`` is the last position with ``mask_bt[b] == 1`` (position 0 if none)."""
-    length = mask_bt.shape[1]
-    last = length - 1 - jnp.argmax(mask_bt[:, ::-1].astype(jnp.int32), axis=1)
-    last = jnp.where(mask_bt.any(axis=1), last, 0)
-    return jnp.take_along_axis(values_bt, last[:, None], axis=1)[:, 0]
-
-
-def sequence_rewards(
-    model: Transformer, params: Any, tokens_bt: jax.Array, mask_bt: jax.Array, rngs: dict | None = None
-) -> jax.Array:
-    """Raw (un-normalised) rewards [B] of right- or left-padded sequences, read at the last real token."""
-    values_bt = model.apply({"params": params}, tokens_bt, mask_bt, deterministic=rngs is None, rngs=rngs)
-    return last_token(values_bt, mask_bt)
-
-
 @functools.partial(jax.jit, static_argnames="cfg")
 def _rewards(params: Any, tokens_bt: jax.Array, mask_bt: jax.Array, cfg: ModelConfig) -> jax.Array:
-    return sequence_rewards(Transformer(cfg), params, tokens_bt, mask_bt)
+    return scoring.sequence_rewards(Transformer(cfg), params, tokens_bt, mask_bt)
 
 
 @dataclasses.dataclass
 class RewardModel:
     """A trained RM: its stage (model, params, tokenizer, mesh) and the demonstration bias."""
 
-    stage: evaluate.Stage
+    stage: Stage
     bias: float
 
 
@@ -66,10 +47,10 @@ def load_reward_model(
 ) -> RewardModel:
     """The RM of a ``train_rm`` workdir (the best validation checkpoint unless ``best=False``) and its bias."""
     bias = load_bias(workdir)
-    stage = evaluate.load_stage(workdir, best=best, mesh_shape=mesh_shape)
-    if stage.model_cfg.head != "scalar":
-        raise ValueError(f"{workdir} holds a model with head={stage.model_cfg.head!r}, not a reward model")
-    return RewardModel(stage, bias)
+    loaded = load_stage(workdir, best=best, mesh_shape=mesh_shape)
+    if loaded.model_cfg.head != "scalar":
+        raise ValueError(f"{workdir} holds a model with head={loaded.model_cfg.head!r}, not a reward model")
+    return RewardModel(loaded, bias)
 
 
 def load_bias(workdir: str | pathlib.Path) -> float:
@@ -81,7 +62,7 @@ def load_bias(workdir: str | pathlib.Path) -> float:
 
 
 def raw_scores(
-    stage: evaluate.Stage,
+    stage: Stage,
     prompts: Sequence[str],
     responses: Sequence[str],
     stopped: Sequence[bool] | None = None,
@@ -123,14 +104,15 @@ def score_texts(
 
 
 def policy_score_fn(
-    rm: RewardModel, policy: evaluate.Stage, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 64
+    rm: RewardModel, policy: Stage, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 64
 ) -> Callable[[Any], float]:
     """``score(params)``: the mean normalised RM score of greedy responses of the policy (``policy``'s model,
     tokenizer and mesh; its params are replaced) on ``prompts``. The paper's SFT checkpoint selection (§3.5)."""
 
     def score(params: Any) -> float:
-        stage = dataclasses.replace(policy, params=params)
-        responses = evaluate.sample_texts(stage, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        responses = sample_texts(
+            dataclasses.replace(policy, params=params), prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
         texts, stopped = zip(*responses, strict=True)
         return float(np.mean(score_texts(rm, prompts, texts, stopped, batch_size)))
 
@@ -139,7 +121,7 @@ def policy_score_fn(
 
 def best_of_n(
     rm: RewardModel,
-    policy: evaluate.Stage,
+    policy: Stage,
     prompts: Sequence[str],
     gold_score: Callable[[str, str, bool], float],
     ns: Sequence[int] = (1, 2, 4, 8, 16, 32),
@@ -160,7 +142,7 @@ def best_of_n(
     golds, scores = np.zeros((len(prompts), total)), np.zeros((len(prompts), total))
     for s in range(total):
         texts, stopped = zip(
-            *evaluate.sample_texts(policy, prompts, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + s),
+            *sample_texts(policy, prompts, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + s),
             strict=True,
         )
         golds[:, s] = [gold_score(p, t, st) for p, t, st in zip(prompts, texts, stopped, strict=True)]

@@ -8,7 +8,7 @@ A rollout batch is B left-padded prompts ``[B,P]`` with the policy's sampled res
   uses, so the first update's ratio is exactly 1 (the sampler's cached log-probs are not reused);
 - ``ref_logprobs``: the same under the frozen SFT reference;
 - ``values``: the value model's V_t for the state before token t (its output at position t-1);
-- ``scores``: the frozen RM at the EOS (``reward.last_token``) minus its bias, replaced by
+- ``scores``: the frozen RM at the EOS (``scoring.last_token``) minus its bias, replaced by
   ``missing_eos_penalty`` when the response has no EOS (N+ Detail 23; [LHP] ``penalty_reward_value``).
 
 Then ``kl_shaped_rewards`` gives r_t = -β(log π - log π_ref) + [t = last]·score and ``gae`` the
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from instructjax import losses, reward
+from instructjax import losses, scoring
 from instructjax.model import Transformer
 
 
@@ -96,24 +96,6 @@ def whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True) -> jax.Array:
     return out * mask
 
 
-def response_logprobs(
-    model: Transformer, params: Any, tokens_bt: jax.Array, mask_bt: jax.Array, prompt_len: int, temperature: float
-) -> tuple[jax.Array, jax.Array]:
-    """``(log π(y_t), entropy_t)`` for the response tokens (positions ``prompt_len:``) of prompt ⊕ response,
-    with the logits divided by the sampling temperature (paper_spec §3.3)."""
-    logits = model.apply({"params": params}, tokens_bt, mask_bt) / temperature
-    logp = losses.token_logprobs(logits, tokens_bt)[:, prompt_len:]
-    step_logits = logits[:, prompt_len - 1 : -1].astype(jnp.float32)  # the logits that predicted each y_t
-    log_softmax = jax.nn.log_softmax(step_logits, axis=-1)
-    entropy = -(jnp.exp(log_softmax) * log_softmax).sum(axis=-1)
-    return logp, entropy
-
-
-def response_values(model: Transformer, params: Any, tokens_bt: jax.Array, mask_bt: jax.Array, prompt_len: int):
-    """V_t for each response token: the value model's output at the position before it."""
-    return model.apply({"params": params}, tokens_bt, mask_bt)[:, prompt_len - 1 : -1]
-
-
 def score(
     models: dict[str, Transformer],
     params: dict[str, Any],
@@ -141,18 +123,18 @@ def score(
     chunks = lambda x: x.reshape(b // minibatch_size, minibatch_size, *x.shape[1:])  # noqa: E731
 
     def logprobs_of(name):
-        fn = lambda tm: response_logprobs(models[name], params[name], *tm, p, temperature)  # noqa: E731
+        fn = lambda tm: scoring.response_logprobs(models[name], params[name], *tm, p, temperature)  # noqa: E731
         logp, entropy = jax.lax.map(fn, (chunks(tokens), chunks(mask)))
         return logp.reshape(b, -1), entropy.reshape(b, -1)
 
     logprobs, entropy = logprobs_of("policy")
     ref_logprobs, _ = logprobs_of("ref")
-    values = response_values(models["value"], params["value"], tokens, mask, p)
+    values = scoring.response_values(models["value"], params["value"], tokens, mask, p)
     stopped = ((response == eos_id) & (response_mask > 0)).any(axis=1)
     if oracle_scores is not None:  # the gold score already prices a missing EOS: no penalty on top
         scores = oracle_scores
     else:
-        scores = reward.sequence_rewards(models["rm"], params["rm"], tokens, mask) - rm_bias
+        scores = scoring.sequence_rewards(models["rm"], params["rm"], tokens, mask) - rm_bias
         if missing_eos_penalty is not None:
             scores = jnp.where(stopped, scores, missing_eos_penalty)
     m = response_mask.astype(jnp.float32)

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructjax.model import ModelConfig, Transformer, grow_cache, init_cache, unembedding
+from instructjax.kv_cache import grow_cache, init_cache
+from instructjax.model import ModelConfig, Transformer, unembedding
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -93,8 +94,8 @@ def _draw(
     largest cost of a decode step on CPU for a 50k vocabulary. Here one uniform ``u`` per row is
     located in the cumulative distribution in two levels: among the masses of blocks of ``block``
     tokens, then within the one block it falls in. Only the block masses and that block are
-    cumulated: a cumulative sum over all 16 x 50257 weights alone took 3.7 ms on CPU, and the whole
-    draw 6.9 ms against 2.1 ms with blocks (docs/benchmarks.md). With the vocabulary first the blocks
+    cumulated: a cumulative sum over all B x V weights was most of the draw's time on CPU
+    (docs/benchmarks.md). With the vocabulary first the blocks
     are a free reshape, and the one block needed is re-read from the logits (``exp`` of block x B
     values) instead of writing all the weights. The argmax comes from the same passes: the block
     maxima give the maximum (the softmax's shift) and the block holding it. So a decode step reads
@@ -158,9 +159,9 @@ def sample_token(
     ``temperature <= 0`` is greedy; ``top_k == 0`` and ``top_p >= 1`` switch those filters off. The
     temperature is folded into the head's input, the draw and the argmax share their passes
     (``_draw``), and the ``lax.cond`` around filtering returns only the token and its log-prob, so an
-    unfiltered step writes no scaled or filtered copy of the logits: in a CPU profile such copies
-    (the division by T, and a nucleus ``lax.cond`` that returned the logits unchanged when off) and a
-    ``lax.cond`` between greedy and sampled took 0.75 ms of a 9 ms decode step."""
+    unfiltered step writes no scaled or filtered copy of the logits: such copies (the division by T, and
+    a nucleus ``lax.cond`` that returned the logits unchanged when off) and a ``lax.cond`` between greedy
+    and sampled were a visible part of a CPU decode step's profile (docs/benchmarks.md)."""
     greedy = temperature <= 0
 
     def filtered(scaled):
@@ -182,10 +183,9 @@ DECODE_SEGMENTS = 4
 def _segment_ends(max_new_tokens: int) -> list[int]:
     """The steps after which the cached decode loop stops to grow its cache: ``DECODE_SEGMENTS``
     equal segments. A step's attention reads every slot of the cache, filled or not, and the cache
-    reads are a quarter of a CPU decode step, so a cache sized to each segment's end reads
-    P + N·5/8 slots per step on average instead of P + N. For prompt 32 and 128 new tokens, four
-    segments gave 2,708-2,801 tok/s against 2,390-2,680 for one, taking turns in one process
-    (benchmarks.md). Each segment is its own while_loop in the one compiled program."""
+    reads are a large share of a CPU decode step, so a cache sized to each segment's end reads
+    P + N·5/8 slots per step on average instead of P + N; four segments decode faster than one
+    (docs/benchmarks.md). Each segment is its own while_loop in the one compiled program."""
     return sorted({-(-max_new_tokens * (i + 1) // DECODE_SEGMENTS) for i in range(DECODE_SEGMENTS)})
 
 
@@ -240,9 +240,9 @@ def _head_vd(params: Any, cfg: ModelConfig) -> jax.Array:
     multiple of ``VOCAB_BLOCK``: built once per ``generate`` call, outside the decode loop.
 
     Decoding computes the logits vocabulary-first, ``head_vd @ hidden_bd.T`` -> [V', B], rather than the
-    model's [B, V]: the same dot (the tied [V, D] embedding, contracted over D), but on CPU it took
-    2.2 ms against 3.3 ms per step of a loop for a [16, 256] x [256, 50257] head, the largest op of a
-    decode step; and the sampler's blocks are a free reshape of it (``_draw``)."""
+    model's [B, V]: the same dot (the tied [V, D] embedding, contracted over D), but on CPU the faster
+    layout for the head, the largest op of a decode step (docs/benchmarks.md); and the sampler's blocks
+    are a free reshape of it (``_draw``)."""
     head_vd = unembedding(params, cfg).astype(jnp.dtype(cfg.dtype))
     return jnp.pad(head_vd, ((0, -cfg.vocab_size % VOCAB_BLOCK), (0, 0)))
 

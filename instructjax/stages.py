@@ -1,16 +1,19 @@
 """The main job: every stage in order on the synthetic world, then the evaluation and a report.
 
-``run(config, workdir)`` (``configs/pipeline.py``): world -> base -> sft -> rm -> ppo_init -> evaluation.
+``run(config, workdir)`` (``configs/pipeline.py``): world -> base -> sft -> rm -> ppo_init -> ppo, ppo_ptx ->
+evaluation.
 
 - ``base``: stage 0, the world's pretrained model.
 - ``sft``: the paper's SFT from the base model; the RM starts from it.
 - ``rm``: the reward model on the K-way comparisons, bias-normalised on the demonstrations.
-- ``ppo_init``: PPO's starting point (10% pretraining mixed in, App. C.3), from the base model, its
-  checkpoint selected by the mean RM score of its greedy responses on validation prompts (§3.5).
+- ``ppo_init``: PPO's starting point and KL reference (10% pretraining mixed in, App. C.3), from the base
+  model; its checkpoint is selected by validation loss (``config.ppo_init.select_by``; ``'score'`` is the
+  paper's selection by the mean RM score of greedy responses on validation prompts, §3.5).
+- ``ppo`` and ``ppo_ptx``: stage 3 from ``ppo_init`` against the RM, without and with the pretraining term.
 
 Each stage has its own sub-workdir; a finished stage (``summary.json`` with status ``done``) is
 skipped, an interrupted one resumes from its checkpoint, so rerunning the command continues the job.
-Outputs: ``results.json``, ``report.md`` and ``training_curves.png`` in ``workdir``.
+Outputs: ``results.json``, ``report.md``, ``training_curves.png`` and ``ppo_vs_kl.png`` in ``workdir``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from instructjax import evaluate, metrics, reward, sharding, train_ppo, train_rm, train_sft
+from instructjax import evaluate, metrics, reward, sharding, stage, train_ppo, train_rm, train_sft
 from instructjax.data import world
 from instructjax.model import ModelConfig
 from instructjax.tokenizer import load_tokenizer
@@ -52,15 +55,6 @@ DATA_FILES = (
     "prompts_valid",
     "prompts_test",
 )
-
-
-def finished_summary(stage_dir: pathlib.Path) -> dict | None:
-    """A stage's ``summary.json`` if it finished (status ``done``), else None: a finished stage is skipped."""
-    path = stage_dir / "summary.json"
-    if path.exists():
-        summary = json.loads(path.read_text())
-        return summary if summary.get("status") == "done" else None
-    return None
 
 
 def train_stages(
@@ -95,7 +89,7 @@ def train_stages(
         announce("world", f"your data in {world_dir}")
     else:
         world_dir = workdir / "world"
-        if not (world_dir / "world.json").exists():
+        if not stage.is_synthetic_world(world_dir):
             announce("world", f"writing {world_dir}")
             world.write_world(world_dir, seed=config.seed, sizes=world.WorldSizes(**config.world.to_dict()))
     seconds["world"] = time.perf_counter() - start
@@ -103,7 +97,7 @@ def train_stages(
     base_model = None
     if config.base_from:  # e.g. a Hugging Face model imported with scripts/convert_hf.py
         stage_dirs["base"] = pathlib.Path(config.base_from).absolute()
-        base_model = evaluate.stage_config(stage_dirs["base"]).model
+        base_model = stage.read_config(stage_dirs["base"]).model
     tokenizer = config.tokenizer
     if not tokenizer and config.base_from and (stage_dirs["base"] / "tokenizer").is_dir():
         tokenizer = str(stage_dirs["base"] / "tokenizer")  # where convert_hf.py puts the model's tokenizer
@@ -117,32 +111,32 @@ def train_stages(
             announce(name, f"given: {stage_dir}")
             seconds[name] = 0.0
             continue
-        summary = finished_summary(stage_dir)
+        summary = stage.finished_summary(stage_dir)
         if summary is not None:
             announce(name, f"finished earlier ({summary['wall_seconds']:.0f} s), skipped")
             seconds[name] = summary["wall_seconds"]
             continue
-        stage = config[name].copy_and_resolve_references()
+        stage_config = config[name].copy_and_resolve_references()
         label = announce(name, f"training from {init_from or 'scratch'} -> {stage_dir}")
         with metrics.progress_label(label):  # the stage's own bar shows its progress and ETA
-            if name in ("ppo", "ppo_ptx"):  # the data, tokenizer, model and template come from the policy's stage
-                stage.policy_from, stage.rm_from = str(stage_dirs[init_from]), str(stage_dirs["rm"])
-                summary = train_ppo.train(stage, stage_dir)
+            if name in ("ppo", "ppo_ptx"):  # data, tokenizer, model, template: the policy's stage
+                stage_config.policy_from, stage_config.rm_from = str(stage_dirs[init_from]), str(stage_dirs["rm"])
+                summary = train_ppo.train(stage_config, stage_dir)
             else:
-                stage.data.world_dir = str(world_dir)
-                stage.data.tokenizer = tokenizer
-                stage.init_from = str(stage_dirs[init_from]) if init_from else ""
-                if base_model is not None:  # the given base model's architecture; the stage's head and dropout
-                    head, dropout_rate = stage.model.head, stage.model.dropout_rate
-                    stage.model = base_model.copy_and_resolve_references()  # a copy: each stage sets its own
-                    stage.model.head, stage.model.dropout_rate = head, dropout_rate
+                stage_config.data.world_dir = str(world_dir)
+                stage_config.data.tokenizer = tokenizer
+                stage_config.init_from = str(stage_dirs[init_from]) if init_from else ""
+                if base_model is not None:  # the given base model's architecture; the stage's head, dropout
+                    head, dropout_rate = stage_config.model.head, stage_config.model.dropout_rate
+                    stage_config.model = base_model.copy_and_resolve_references()  # a copy: each stage sets its own
+                    stage_config.model.head, stage_config.model.dropout_rate = head, dropout_rate
                 if name == "rm":
-                    summary = train_rm.train(stage, stage_dir)
-                elif stage.select_by == "score":  # the paper's SFT selection: mean RM score on validation prompts
-                    score_fn = _rm_score_fn(config, stage, stage_dirs["rm"], world_dir)
-                    summary = train_sft.train(stage, stage_dir, score_fn)
+                    summary = train_rm.train(stage_config, stage_dir)
+                elif stage_config.select_by == "score":  # the paper's selection: mean RM score, valid prompts
+                    score_fn = _rm_score_fn(config, stage_config, stage_dirs["rm"], world_dir)
+                    summary = train_sft.train(stage_config, stage_dir, score_fn)
                 else:
-                    summary = train_sft.train(stage, stage_dir)
+                    summary = train_sft.train(stage_config, stage_dir)
         seconds[name] = summary["wall_seconds"]
         announce(name, f"done in {_clock(seconds[name])}")
 
@@ -153,7 +147,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     """The whole job: ``train_stages`` for every stage, then the evaluation, ``results.json`` and the report."""
     workdir = pathlib.Path(workdir)
     world_dir, stage_dirs, seconds = train_stages(config, workdir)
-    has_gold = (world_dir / "world.json").exists()  # the gold score is the synthetic world's; your data has none
+    has_gold = stage.is_synthetic_world(world_dir)  # the gold score is the synthetic world's; your data has none
     label = f"[pipeline] [{len(STAGES) + 2}/{len(STAGES) + 2}] evaluation"  # after the world and every stage
     print(f"{label}: {len(POLICIES)} models on {config.eval.prompts} test prompts", flush=True)
 
@@ -210,8 +204,8 @@ def _rm_score_fn(config: Any, stage_config: Any, rm_dir: pathlib.Path, world_dir
     rm = reward.load_reward_model(rm_dir)
     cfg = dataclasses.replace(ModelConfig.from_dict(stage_config.model), dropout_rate=0.0)
     mesh, rules = sharding.make_mesh(stage_config.mesh_shape), sharding.as_rules(stage_config.rules)
-    tokenizer = load_tokenizer(stage_config.data.tokenizer or world_dir / "tokenizer.json")
-    policy = evaluate.Stage(stage_config, cfg, None, tokenizer, mesh, rules)
+    tokenizer = load_tokenizer(stage.data_paths(stage_config.data).tokenizer)
+    policy = stage.Stage(stage_config, cfg, None, tokenizer, mesh, rules)
     lines = (world_dir / "prompts_valid.jsonl").read_text().splitlines()[: config.eval.select_prompts]
     prompts = [json.loads(line)["prompt"] for line in lines]
     return reward.policy_score_fn(rm, policy, prompts, config.eval.max_new_tokens, config.eval.batch_size)
@@ -312,7 +306,7 @@ def _report(workdir: pathlib.Path, results: dict, models: dict, n_samples: int) 
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Gold score: `instructjax/data/world.py` (1 = correct answer and a clean stop; – = data without one).",
+        "Gold score: `instructjax/data/world_tasks.py` (1 = correct answer and a clean stop; – = data without one).",
         "RM score: the reward model's",
         "score minus its bias (demonstrations average 0). Greedy decoding on the test prompts; win rates",
         "compare each prompt's response with the SFT model's (ties count half). KL to SFT: nats per response,",

@@ -1,9 +1,9 @@
 """One tokenizer interface over HF ``tokenizers`` (``tokenizer.json``) and sentencepiece (``*.model``).
 
 The synthetic world's word-level vocabulary is shipped as a HF ``tokenizers`` WordLevel ``tokenizer.json``
-(``data/world.py``), so it goes through the same code path as a real tokenizer.
+(``data/world_tasks.py``), so it goes through the same code path as a real tokenizer.
 
-Choices (the paper states none of them; paper_spec §1 only requires EOS != PAD):
+Choices (the paper states none of them; EOS must differ from PAD, Huang et al. 2024, detail 3):
 - ``encode`` never adds special tokens (no BOS/EOS): callers append ``eos_id`` where a sequence ends.
 - ``decode`` drops PAD ids and decodes everything else, EOS included (as its token text); it does not stop
   at EOS. ``decode_response`` is the "cut at the first EOS" view that scoring code wants.
@@ -14,7 +14,7 @@ Choices (the paper states none of them; paper_spec §1 only requires EOS != PAD)
   backend's vocabulary size** (``vocab_size`` then counts it). Borrowing EOS or UNK instead would make a real
   token indistinguishable from padding; the extra id never collides, and its embedding row is never trained
   because padded positions are masked. The model's vocab size must be >= ``Tokenizer.vocab_size``.
-- EOS == PAD is an error (the model would never learn to stop; paper_spec §1, [N+] Detail 3).
+- EOS == PAD is an error (the model would never learn to stop; Huang et al. 2024, detail 3).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Stage 2, the reward model (paper_spec §2): ``train(config, workdir)``.
+"""Stage 2, the reward model (Ouyang et al. 2022, §3.5, App. C.2): ``train(config, workdir)``.
 
 The model is the SFT transformer with the unembedding replaced by a scalar head initialised
 N(0, 1/(d_model+1)) (``config.init_from`` names the SFT workdir; every other parameter is copied). The
-reward of a sequence is the head's output at its EOS token (``reward.last_token``; the paper leaves the
+reward of a sequence is the head's output at its EOS token (``scoring.last_token``; the paper leaves the
 token open).
 
 Batching as in the paper: one batch element is one prompt with all its K ranked completions (K forward
@@ -34,72 +34,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructjax import checkpoint, loop, losses, metrics, optim, reward, sharding, steps
-from instructjax.data import formats, pipeline, tfds_builder
+from instructjax import checkpoint, loop, losses, metrics, optim, reward, scoring, sharding, stage, steps
+from instructjax.data import formats, pipeline, tfds_builder, world_tasks
 from instructjax.model import ModelConfig, Transformer, count_params
-from instructjax.tokenizer import load_tokenizer
+
+
+@dataclasses.dataclass
+class Data:
+    """The RM's data: the training iterator (checkpointed), the validation batches (with ``gold_pair_mask`` in
+    the synthetic world), the examples per epoch, and the text format (whose ``stats`` count truncations)."""
+
+    iters: dict[str, Any]
+    eval_batches: list[dict]
+    train_size: int
+    fmt: pipeline.TextFormat
 
 
 def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Train, evaluate, checkpoint and normalise the RM; returns the summary (also ``summary.json``)."""
-    # ----------------------------------------------------------------- Set-up: workdir, mesh, model
+    # ----------------------------------------------------------------- Set-up: config, workdir, mesh, tokenizer
     wall_start = time.perf_counter()
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1) + "\n")
-    mesh, rules = sharding.make_mesh(config.mesh_shape), sharding.as_rules(config.rules)
     cfg = ModelConfig.from_dict(config.model)
     if cfg.head != "scalar":
         raise ValueError(f"config.model.head={cfg.head!r}: a reward model needs head='scalar'")
+    opened = stage.open_stage(config, workdir, vocab_size=cfg.vocab_size)
+    mesh, rules = opened.mesh, opened.rules
     model = Transformer(cfg)
 
     # ----------------------------------------------------------------- Data
-    if not config.data.world_dir:
-        raise ValueError("config.data.world_dir is not set (scripts/make_synthetic_data.py writes a world)")
-    world = pathlib.Path(config.data.world_dir)
-    tokenizer = load_tokenizer(config.data.tokenizer or world / "tokenizer.json")
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.vocab_size}")
-    cache = config.data.cache_dir or world / "tfds"
-    fmt = pipeline.TextFormat(tokenizer, config.data.max_len, config.data.max_prompt_len, config.data.prompt_template)
-    sharding.check_batch_size("config.batch_size", config.batch_size, mesh, rules)
-    sharding.check_batch_size("config.eval_batch_size", config.eval_batch_size, mesh, rules)
-    files = {"train": world / config.data.train_file, "valid": world / config.data.valid_file}
-    src = tfds_builder.build("comparisons", files, cache, config.data.skip_bad)
-    if config.data.train_records:  # a smaller comparison set, as in Gao et al.'s data-size sweep
-        if config.data.train_records > len(src["train"]):
-            raise ValueError(
-                f"config.data.train_records={config.data.train_records} but {files['train']} has "
-                f"{len(src['train'])} rankings"
-            )
-        src["train"] = grain.MapDataset.source(src["train"])[: config.data.train_records]
-    block = sharding.batch_block(mesh, rules)  # this process's rows of every batch
-    train_iter = pipeline.comparison_batches(
-        src["train"], fmt, config.batch_size, config.seed, k_max=config.data.k_max,
-        pairs_as_examples=config.data.pairs_as_examples, shard=block,
-    )  # fmt: skip
-    iters = {"train": iter(train_iter)}
-    eval_batches = list(
-        pipeline.comparison_batches(
-            src["valid"],
-            fmt,
-            config.eval_batch_size,
-            0,
-            k_max=config.data.k_max,
-            shuffle=False,
-            num_epochs=1,
-            shard=block,
-        )
-    )
-    if (world / "world.json").exists():  # the synthetic world: its gold score orders the validation pairs
-        _add_gold_pair_masks(eval_batches, src["valid"], config.data.k_max, block)
-    if config.data.pairs_as_examples:
-        train_size = sum(len(formats.ranking_pairs(_ranking(src["train"][i]))) for i in range(len(src["train"])))
-    else:
-        train_size = len(src["train"])
+    data = make_data(config, opened)
     accum = config.optim.grad_accum_steps
-    total_steps = config.num_steps or math.ceil(config.num_epochs * train_size / (config.batch_size * accum))
+    total_steps = config.num_steps or math.ceil(config.num_epochs * data.train_size / (config.batch_size * accum))
 
     # ----------------------------------------------------------------- Model, optimizer, sharded state
     tx = optim.make_optimizer(config.optim, total_steps)
@@ -113,62 +78,108 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     loss_fn = make_loss_fn(model)
     train_step = steps.make_train_step(loss_fn, tx, state_sh, config.nan_policy)
     eval_step = steps.make_eval_step(loss_fn, state_sh.params)
-
-    def evaluate(params) -> dict[str, float]:
-        sums: dict[str, float] = {}
-        for batch in eval_batches:
-            out = eval_step(params, sharding.to_global(batch, mesh, rules))
-            out["loss_sum"], out["correct"] = out["loss"] * out["prompts"], out["accuracy"] * out["pairs"]
-            for key in ("loss_sum", "correct", "prompts", "pairs", "completions", "reward_sum", "reward_sq_sum"):
-                sums[key] = sums.get(key, 0.0) + float(out[key])
-            for key in ("gold_pairs", "gold_correct"):
-                if key in out:
-                    sums[key] = sums.get(key, 0.0) + float(out[key])
-        mean = sums["reward_sum"] / max(sums["completions"], 1.0)
-        result = {
-            "val_loss": sums["loss_sum"] / max(sums["prompts"], 1.0),
-            "val_accuracy": sums["correct"] / max(sums["pairs"], 1.0),
-            "val_reward_mean": mean,
-            "val_reward_std": math.sqrt(max(sums["reward_sq_sum"] / max(sums["completions"], 1.0) - mean**2, 0.0)),
-        }
-        if "gold_pairs" in sums:
-            result["val_gold_accuracy"] = sums["gold_correct"] / max(sums["gold_pairs"], 1.0)
-        return result
+    evaluate = lambda params: validation_metrics(eval_step, params, data.eval_batches, mesh, rules)  # noqa: E731
 
     # ----------------------------------------------------------------- Train loop (instructjax/loop.py)
+    settings = loop.settings(
+        config,
+        total_steps=total_steps,
+        select=("val_loss", "min"),
+        micro_steps=accum,
+        flops_per_token=metrics.training_flops_per_token(cfg, config.data.max_len),
+    )
     with sharding.use(mesh, rules):
         result = loop.run(
-            config,
-            workdir,
+            settings,
+            opened.workdir,
             state=state,
             state_shardings=state_sh,
-            iters=iters,
-            step_fn=lambda state: train_step(state, sharding.to_global(next(iters["train"]), mesh, rules)),
+            iters=data.iters,
+            step_fn=lambda state: train_step(state, sharding.to_global(next(data.iters["train"]), mesh, rules)),
             evaluate=evaluate,
-            total_steps=total_steps,
-            select=("val_loss", "min"),
-            start_info={"params": n_params, "train_examples": train_size},
-            micro_steps=accum,
+            start_info={"params": n_params, "train_examples": data.train_size},
             lr_fn=optim.lr_schedule(config.optim, total_steps),
-            flops_per_token=metrics.training_flops_per_token(cfg, config.data.max_len),
             started_at=wall_start,
         )
 
     # ----------------------------------------------------------------- Bias normalisation (§3.5)
     bias = None
     if result.status == "done":
-        best = checkpoint.load_params(workdir, result.state.params, state_sh.params, best=True)
-        demos = tfds_builder.build("demos", {"train": world / config.data.demos_file}, cache, config.data.skip_bad)
-        bias = _mean_demo_reward(model, best, demos["train"], fmt, config.eval_batch_size, mesh, rules)
+        best = checkpoint.load_params(opened.workdir, result.state.params, state_sh.params, best=True)
+        demos_file = opened.paths.world / config.data.demos_file
+        demos = tfds_builder.build("demos", {"train": demos_file}, opened.paths.cache, config.data.skip_bad)
+        bias = _mean_demo_reward(model, best, demos["train"], data.fmt, config.eval_batch_size, mesh, rules)
         if jax.process_index() == 0:
             info = {"bias": bias, "demonstrations": len(demos["train"]), "file": config.data.demos_file}
-            (workdir / reward.BIAS_FILE).write_text(json.dumps(info, indent=1) + "\n")
+            (opened.workdir / reward.BIAS_FILE).write_text(json.dumps(info, indent=1) + "\n")
 
     # ----------------------------------------------------------------- Finish
-    summary = loop.summary(result, total_steps, accum, params=n_params, bias=bias, truncation=fmt.stats.as_dict())
-    if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+    summary = loop.summary(result, total_steps, accum, params=n_params, bias=bias, truncation=data.fmt.stats.as_dict())
+    return stage.close_stage(opened.workdir, summary)
+
+
+def make_data(config: Any, opened: stage.Opened) -> Data:
+    """The comparison sources and grain iterators: one prompt with all K completions per element, or shuffled
+    pairs with ``data.pairs_as_examples``; validation always grouped."""
+    mesh, rules, d = opened.mesh, opened.rules, config.data
+    data_dir = opened.paths.world
+    fmt = pipeline.TextFormat(opened.tokenizer, d.max_len, d.max_prompt_len, d.prompt_template)
+    sharding.check_batch_size("config.batch_size", config.batch_size, mesh, rules)
+    sharding.check_batch_size("config.eval_batch_size", config.eval_batch_size, mesh, rules)
+    files = {"train": data_dir / d.train_file, "valid": data_dir / d.valid_file}
+    src = tfds_builder.build("comparisons", files, opened.paths.cache, d.skip_bad)
+    if d.train_records:  # a smaller comparison set, as in Gao et al.'s data-size sweep
+        if d.train_records > len(src["train"]):
+            raise ValueError(
+                f"config.data.train_records={d.train_records} but {files['train']} has {len(src['train'])} rankings"
+            )
+        src["train"] = grain.MapDataset.source(src["train"])[: d.train_records]
+    block = sharding.batch_block(mesh, rules)  # this process's rows of every batch
+    train_iter = pipeline.comparison_batches(
+        src["train"],
+        fmt,
+        config.batch_size,
+        config.seed,
+        k_max=d.k_max,
+        pairs_as_examples=d.pairs_as_examples,
+        shard=block,
+    )
+    eval_batches = list(
+        pipeline.comparison_batches(
+            src["valid"], fmt, config.eval_batch_size, 0, k_max=d.k_max, shuffle=False, num_epochs=1, shard=block
+        )
+    )
+    if opened.paths.synthetic:  # the synthetic world: its gold score orders the validation pairs
+        _add_gold_pair_masks(eval_batches, src["valid"], d.k_max, block)
+    if d.pairs_as_examples:
+        train_size = sum(len(formats.ranking_pairs(_ranking(src["train"][i]))) for i in range(len(src["train"])))
+    else:
+        train_size = len(src["train"])
+    return Data({"train": iter(train_iter)}, eval_batches, train_size, fmt)
+
+
+def validation_metrics(eval_step: Any, params: Any, eval_batches: list[dict], mesh: Any, rules: Any) -> dict:
+    """``val_loss`` (per prompt), ``val_accuracy`` (per pair), the rewards' mean and std over completions, and
+    ``val_gold_accuracy`` when the batches carry gold pair masks: exact means over uneven batches."""
+    sums: dict[str, float] = {}
+    for batch in eval_batches:
+        out = eval_step(params, sharding.to_global(batch, mesh, rules))
+        out["loss_sum"], out["correct"] = out["loss"] * out["prompts"], out["accuracy"] * out["pairs"]
+        for key in ("loss_sum", "correct", "prompts", "pairs", "completions", "reward_sum", "reward_sq_sum"):
+            sums[key] = sums.get(key, 0.0) + float(out[key])
+        for key in ("gold_pairs", "gold_correct"):
+            if key in out:
+                sums[key] = sums.get(key, 0.0) + float(out[key])
+    mean = sums["reward_sum"] / max(sums["completions"], 1.0)
+    result = {
+        "val_loss": sums["loss_sum"] / max(sums["prompts"], 1.0),
+        "val_accuracy": sums["correct"] / max(sums["pairs"], 1.0),
+        "val_reward_mean": mean,
+        "val_reward_std": math.sqrt(max(sums["reward_sq_sum"] / max(sums["completions"], 1.0) - mean**2, 0.0)),
+    }
+    if "gold_pairs" in sums:
+        result["val_gold_accuracy"] = sums["gold_correct"] / max(sums["gold_pairs"], 1.0)
+    return result
 
 
 def make_loss_fn(model: Transformer) -> steps.LossFn:
@@ -179,7 +190,7 @@ def make_loss_fn(model: Transformer) -> steps.LossFn:
     def loss_fn(params, batch, rng):
         b, k, t = batch["tokens"].shape
         rngs = None if rng is None else {"dropout": rng}
-        rewards_bk = reward.sequence_rewards(
+        rewards_bk = scoring.sequence_rewards(
             model, params, batch["tokens"].reshape(b * k, t), batch["mask"].reshape(b * k, t), rngs
         ).reshape(b, k)
         pair_mask = batch["pair_mask"] * batch["row_valid"][:, None, None]
@@ -228,8 +239,6 @@ def _add_gold_pair_masks(batches: list[dict], source: Any, k_max: int, block: tu
     batch n is record ``(n · blocks + block) · rows + r`` (``block``: ``sharding.batch_block``), padding
     rows after the end.
     """
-    from instructjax.data import world
-
     for n, batch in enumerate(batches):
         rows = batch["tokens"].shape[0]
         gold = np.zeros((rows, k_max, k_max), np.int32)
@@ -238,7 +247,7 @@ def _add_gold_pair_masks(batches: list[dict], source: Any, k_max: int, block: tu
             if record >= len(source) or not batch["row_valid"][r]:
                 continue
             row = tfds_builder.decode(source[record], "comparisons")
-            scores = [world.gold_score(row["prompt"], c, True) for c in row["completions"]]
+            scores = [world_tasks.gold_score(row["prompt"], c, True) for c in row["completions"]]
             for i, si in enumerate(scores):
                 for j, sj in enumerate(scores):
                     gold[r, i, j] = si > sj
@@ -251,7 +260,7 @@ def _mean_demo_reward(model, params, source, fmt, batch_size, mesh, rules) -> fl
 
     @jax.jit
     def rewards(params, batch):
-        r = reward.sequence_rewards(model, params, batch["tokens"], batch["mask"])
+        r = scoring.sequence_rewards(model, params, batch["tokens"], batch["mask"])
         return (r * batch["row_valid"]).sum(), batch["row_valid"].sum()
 
     block = sharding.batch_block(mesh, rules)

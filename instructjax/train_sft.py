@@ -1,4 +1,6 @@
-"""Stage 1, supervised fine-tuning (paper_spec §1), and stage 0, pretraining: ``train(config, workdir)``.
+"""Stage 1, supervised fine-tuning (Ouyang et al. 2022, §3.5, App. C.1), and stage 0, pretraining.
+
+``train(config, workdir)`` runs either.
 
 The objective is ``losses.lm_loss``. With ``data.kind='demos'`` the loss covers the response and its
 EOS (the prompt is masked unless ``data.prompt_in_loss``); with ``data.kind='pretrain'`` it is plain
@@ -16,7 +18,7 @@ data iterators and the best-so-far.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import pathlib
 import time
@@ -26,82 +28,46 @@ from typing import Any
 import jax
 import numpy as np
 
-from instructjax import checkpoint, loop, losses, metrics, optim, sharding, steps
+from instructjax import checkpoint, loop, losses, metrics, optim, sharding, stage, steps
 from instructjax.data import pipeline, tfds_builder
 from instructjax.model import ModelConfig, Transformer, count_params, unembedding
-from instructjax.tokenizer import load_tokenizer
 
 
-def _data_paths(config: Any) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
-    if not config.data.world_dir:
-        raise ValueError("config.data.world_dir is not set (scripts/make_synthetic_data.py writes a world)")
-    world = pathlib.Path(config.data.world_dir)
-    tokenizer = pathlib.Path(config.data.tokenizer) if config.data.tokenizer else world / "tokenizer.json"
-    cache = pathlib.Path(config.data.cache_dir) if config.data.cache_dir else world / "tfds"
-    return world, tokenizer, cache
+@dataclasses.dataclass
+class Data:
+    """A supervised stage's data: the training iterators (checkpointed), the validation batches, the size of
+    an epoch in examples (rows for packed pretraining), the pretraining rows mixed into each step, and the
+    text format (whose ``stats`` count truncations)."""
+
+    iters: dict[str, Any]
+    eval_batches: list[dict]
+    train_size: int
+    ptx_rows: int
+    fmt: pipeline.TextFormat
 
 
-def train(config: Any, workdir: str | pathlib.Path, score_fn: Callable[[Any], float] | None = None) -> dict[str, Any]:
-    """Train, evaluate and checkpoint; returns the final summary (also written to ``summary.json``)."""
-    # ----------------------------------------------------------------- Set-up: workdir, mesh
-    wall_start = time.perf_counter()
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1) + "\n")
-    mesh, rules = sharding.make_mesh(config.mesh_shape), sharding.as_rules(config.rules)
-    cfg = ModelConfig.from_dict(config.model)
-    model = Transformer(cfg)
-
-    # ----------------------------------------------------------------- Data
-    world, tokenizer_path, cache = _data_paths(config)
-    tokenizer = load_tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.vocab_size}")
-    fmt = pipeline.TextFormat(
-        tokenizer,
-        config.data.max_len,
-        config.data.max_prompt_len,
-        config.data.prompt_template,
-        config.data.prompt_in_loss,
-    )
-    pretraining = config.data.kind == "pretrain"
+def check_config(config: Any, score_fn: Callable | None = None) -> None:
+    """Refuse a config that cannot run, before anything is built or compiled, naming the key."""
     if config.select_by not in ("val_loss", "score") or (config.select_by == "score" and score_fn is None):
         raise ValueError(f"config.select_by={config.select_by!r}: 'val_loss', or 'score' with a score_fn")
     if config.data.kind not in ("demos", "pretrain"):
         raise ValueError(f"config.data.kind={config.data.kind!r}: expected 'demos' or 'pretrain'")
-    batch_size = config.batch_size
-    sharding.check_batch_size("config.batch_size", batch_size, mesh, rules)
-    sharding.check_batch_size("config.eval_batch_size", config.eval_batch_size, mesh, rules)
-    block = sharding.batch_block(mesh, rules)  # this process's rows of every batch
 
-    def packed(source, rows: int, seed: int):  # packed pretraining rows of max_len tokens
-        return pipeline.pretrain_batches(source, tokenizer, config.data.max_len, rows, seed, counter=fmt.counter,
-                                         shard=block)  # fmt: skip
 
-    ptx_rows = 0
-    if pretraining:
-        files = {"train": world / config.data.pretrain_file, "valid": world / config.data.pretrain_valid_file}
-        src = tfds_builder.build("pretrain", files, cache, config.data.skip_bad)
-        iters = {"train": iter(packed(src["train"], batch_size, config.seed))}
-        eval_batches = list(_take(iter(packed(src["valid"], config.eval_batch_size, 12345)), config.eval_batches or 8))
-        # A packed row holds several documents: count epochs in tokens, approximated by documents per row.
-        train_size = math.ceil(len(src["train"]) / max(1.0, _docs_per_row(eval_batches)))
-    else:
-        files = {"train": world / config.data.train_file, "valid": world / config.data.valid_file}
-        src = tfds_builder.build("demos", files, cache, config.data.skip_bad)
-        iters = {"train": iter(pipeline.sft_batches(src["train"], fmt, batch_size, config.seed, shard=block))}
-        eval_batches = list(
-            pipeline.sft_batches(src["valid"], fmt, config.eval_batch_size, 0, shuffle=False, num_epochs=1, shard=block)
-        )
-        train_size = len(src["train"])
-        if config.data.ptx_fraction > 0:
-            # Pretraining rows per step, rounded up to whole batch shards; the share used is logged.
-            ptx_rows = ptx_rows_per_step(batch_size, config.data.ptx_fraction, sharding.batch_divisor(mesh, rules))
-            ptx_src = tfds_builder.build("pretrain", {"train": world / config.data.pretrain_file}, cache)["train"]
-            iters["ptx"] = iter(packed(ptx_src, ptx_rows, config.seed + 1))
+def train(config: Any, workdir: str | pathlib.Path, score_fn: Callable[[Any], float] | None = None) -> dict[str, Any]:
+    """Train, evaluate and checkpoint; returns the final summary (also written to ``summary.json``)."""
+    # ----------------------------------------------------------------- Set-up: config, workdir, mesh, tokenizer
+    wall_start = time.perf_counter()
+    check_config(config, score_fn)
+    cfg = ModelConfig.from_dict(config.model)
+    opened = stage.open_stage(config, workdir, vocab_size=cfg.vocab_size)
+    mesh, rules = opened.mesh, opened.rules
+    model = Transformer(cfg)
+
+    # ----------------------------------------------------------------- Data
+    data = make_data(config, opened)
     accum = config.optim.grad_accum_steps
-    total_steps = config.num_steps or math.ceil(config.num_epochs * train_size / (batch_size * accum))
+    total_steps = config.num_steps or math.ceil(config.num_epochs * data.train_size / (config.batch_size * accum))
 
     # ----------------------------------------------------------------- Model, optimizer, sharded state
     tx = optim.make_optimizer(config.optim, total_steps)
@@ -117,14 +83,14 @@ def train(config: Any, workdir: str | pathlib.Path, score_fn: Callable[[Any], fl
     eval_step = steps.make_eval_step(loss_fn, state_sh.params)
 
     def next_batch():
-        batch = next(iters["train"])
-        if "ptx" in iters:
-            batch.update({f"ptx_{k}": v for k, v in next(iters["ptx"]).items()})
+        batch = next(data.iters["train"])
+        if "ptx" in data.iters:
+            batch.update({f"ptx_{k}": v for k, v in next(data.iters["ptx"]).items()})
         return sharding.to_global(batch, mesh, rules)
 
     def evaluate(params) -> dict[str, float]:
         total = count = 0.0
-        for batch in eval_batches:
+        for batch in data.eval_batches:
             out = eval_step(params, sharding.to_global(batch, mesh, rules))
             total += float(out["loss"]) * float(out["loss_tokens"])
             count += float(out["loss_tokens"])
@@ -134,29 +100,68 @@ def train(config: Any, workdir: str | pathlib.Path, score_fn: Callable[[Any], fl
         return result
 
     # ----------------------------------------------------------------- Train loop (instructjax/loop.py)
+    settings = loop.settings(
+        config,
+        total_steps=total_steps,
+        select=("score", "max") if config.select_by == "score" else ("val_loss", "min"),
+        micro_steps=accum,
+        flops_per_token=metrics.training_flops_per_token(cfg, config.data.max_len),
+    )
     with sharding.use(mesh, rules):
         result = loop.run(
-            config,
-            workdir,
+            settings,
+            opened.workdir,
             state=state,
             state_shardings=state_sh,
-            iters=iters,
+            iters=data.iters,
             step_fn=lambda state: train_step(state, next_batch()),
             evaluate=evaluate,
-            total_steps=total_steps,
-            select=("score", "max") if config.select_by == "score" else ("val_loss", "min"),
-            start_info={"params": n_params, "ptx_share": ptx_rows / (ptx_rows + batch_size)},
-            micro_steps=accum,
+            start_info={"params": n_params, "ptx_share": data.ptx_rows / (data.ptx_rows + config.batch_size)},
             lr_fn=optim.lr_schedule(config.optim, total_steps),
-            flops_per_token=metrics.training_flops_per_token(cfg, config.data.max_len),
             started_at=wall_start,
         )
 
     # ----------------------------------------------------------------- Finish
-    summary = loop.summary(result, total_steps, accum, params=n_params, truncation=fmt.stats.as_dict())
-    if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+    summary = loop.summary(result, total_steps, accum, params=n_params, truncation=data.fmt.stats.as_dict())
+    return stage.close_stage(opened.workdir, summary)
+
+
+def make_data(config: Any, opened: stage.Opened) -> Data:
+    """The TFDS sources and grain iterators of an SFT stage (``data.kind='demos'``, with ``data.ptx_fraction``'s
+    pretraining rows beside each batch) or of stage 0's packed pretraining text (``data.kind='pretrain'``)."""
+    mesh, rules, paths, tokenizer = opened.mesh, opened.rules, opened.paths, opened.tokenizer
+    world, cache, d = paths.world, paths.cache, config.data
+    fmt = pipeline.TextFormat(tokenizer, d.max_len, d.max_prompt_len, d.prompt_template, d.prompt_in_loss)
+    batch_size = config.batch_size
+    sharding.check_batch_size("config.batch_size", batch_size, mesh, rules)
+    sharding.check_batch_size("config.eval_batch_size", config.eval_batch_size, mesh, rules)
+    block = sharding.batch_block(mesh, rules)  # this process's rows of every batch
+
+    def packed(source, rows: int, seed: int):  # packed pretraining rows of max_len tokens
+        return pipeline.pretrain_batches(source, tokenizer, d.max_len, rows, seed, counter=fmt.counter, shard=block)
+
+    ptx_rows = 0
+    if d.kind == "pretrain":
+        files = {"train": world / d.pretrain_file, "valid": world / d.pretrain_valid_file}
+        src = tfds_builder.build("pretrain", files, cache, d.skip_bad)
+        iters = {"train": iter(packed(src["train"], batch_size, config.seed))}
+        eval_batches = list(_take(iter(packed(src["valid"], config.eval_batch_size, 12345)), config.eval_batches or 8))
+        # A packed row holds several documents: count epochs in tokens, approximated by documents per row.
+        train_size = math.ceil(len(src["train"]) / max(1.0, _docs_per_row(eval_batches)))
+    else:
+        files = {"train": world / d.train_file, "valid": world / d.valid_file}
+        src = tfds_builder.build("demos", files, cache, d.skip_bad)
+        iters = {"train": iter(pipeline.sft_batches(src["train"], fmt, batch_size, config.seed, shard=block))}
+        eval_batches = list(
+            pipeline.sft_batches(src["valid"], fmt, config.eval_batch_size, 0, shuffle=False, num_epochs=1, shard=block)
+        )
+        train_size = len(src["train"])
+        if d.ptx_fraction > 0:
+            # Pretraining rows per step, rounded up to whole batch shards; the share used is logged.
+            ptx_rows = ptx_rows_per_step(batch_size, d.ptx_fraction, sharding.batch_divisor(mesh, rules))
+            ptx_src = tfds_builder.build("pretrain", {"train": world / d.pretrain_file}, cache)["train"]
+            iters["ptx"] = iter(packed(ptx_src, ptx_rows, config.seed + 1))
+    return Data(iters, eval_batches, train_size, ptx_rows, fmt)
 
 
 def make_loss_fn(model: Transformer, cfg: ModelConfig, config: Any) -> steps.LossFn:

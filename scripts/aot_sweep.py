@@ -24,56 +24,152 @@ _ONLY = flags.DEFINE_list("only", [], "compile only these row tags (default: eve
 _TABLES_ONLY = flags.DEFINE_bool("tables_only", False, "compile nothing; print the tables of runs.jsonl")
 
 T = "configs/tpu.py"
-PRESETS = ("sft_1p3b", "sft_6p7b", "sft_llama3_8b", "rm_1p3b", "rm_6p7b", "rm_llama3_8b",
-           "ppo_ptx_1p3b", "ppo_ptx_6p7b", "ppo_ptx_llama3_8b")  # fmt: skip
+PRESETS = (
+    "sft_1p3b",
+    "sft_6p7b",
+    "sft_llama3_8b",
+    "rm_1p3b",
+    "rm_6p7b",
+    "rm_llama3_8b",
+    "ppo_ptx_1p3b",
+    "ppo_ptx_6p7b",
+    "ppo_ptx_llama3_8b",
+)
 
 
 def _accum(minibatch: int, steps: int) -> list[str]:
-    return [f"--config.minibatch_size={minibatch}", f"--config.optim.grad_accum_steps={steps}",
-            f"--config.value_optim.grad_accum_steps={steps}"]  # fmt: skip
+    return [
+        f"--config.minibatch_size={minibatch}",
+        f"--config.optim.grad_accum_steps={steps}",
+        f"--config.value_optim.grad_accum_steps={steps}",
+    ]
 
 
 # (tag, what it shows, aot_compile.py arguments). The smaller slices keep the paper's batch per update through
 # more accumulation; v5e:2x2 (4 chips) is the smallest v5e slice libtpu describes, so the 1.3B SFT and RM
 # presets have no smaller one.
 ROWS = [(f"preset:{p}", p, [f"--config={T}:{p}"]) for p in PRESETS] + [
-    ("ppo:remat_none", "remat none (policy and value model)",
-     [f"--config={T}:ppo_ptx_1p3b", "--what=train_step", "--config.aot.policy_model.remat=none",
-      "--config.aot.value_model.remat=none"]),
-    ("ppo:remat_dots", "remat dots (save the matmul outputs)",
-     [f"--config={T}:ppo_ptx_1p3b", "--what=train_step", "--config.aot.policy_model.remat=dots",
-      "--config.aot.value_model.remat=dots"]),
-    ("ppo:tensor4_one_step", "mesh (1, 16, 4) with the whole minibatch (64 episodes) in one step",
-     [f"--config={T}:ppo_ptx_1p3b", "--what=train_step", "--config.mesh_shape=(1,16,4)", *_accum(64, 1)]),
+    (
+        "ppo:remat_none",
+        "remat none (policy and value model)",
+        [
+            f"--config={T}:ppo_ptx_1p3b",
+            "--what=train_step",
+            "--config.aot.policy_model.remat=none",
+            "--config.aot.value_model.remat=none",
+        ],
+    ),
+    (
+        "ppo:remat_dots",
+        "remat dots (save the matmul outputs)",
+        [
+            f"--config={T}:ppo_ptx_1p3b",
+            "--what=train_step",
+            "--config.aot.policy_model.remat=dots",
+            "--config.aot.value_model.remat=dots",
+        ],
+    ),
+    (
+        "ppo:tensor4_one_step",
+        "mesh (1, 16, 4) with the whole minibatch (64 episodes) in one step",
+        [f"--config={T}:ppo_ptx_1p3b", "--what=train_step", "--config.mesh_shape=(1,16,4)", *_accum(64, 1)],
+    ),
     ("ppo:frozen_f32", "frozen reference and RM in float32", [f"--config={T}:ppo_ptx_1p3b", "--config.frozen_dtype="]),
-    ("ppo:data_parallel", "data parallelism instead of FSDP, mesh (64, 1, 1)",
-     [f"--config={T}:ppo_ptx_1p3b", "--config.mesh_shape=(64,1,1)"]),
-    ("ppo:tensor4", "tensor parallelism 4, mesh (1, 16, 4), 16 episodes x 4 steps",
-     [f"--config={T}:ppo_ptx_1p3b", "--config.mesh_shape=(1,16,4)", *_accum(16, 4)]),
-    ("smaller:sft_6p7b", "v5e:2x4, mesh (1, 8, 1)",
-     [f"--config={T}:sft_6p7b", "--topology=v5e:2x4", "--what=train_step", "--config.mesh_shape=(1,8,1)",
-      "--config.eval_batch_size=8"]),
-    ("smaller:sft_llama3_8b", "v5e:2x4, mesh (1, 8, 1)",
-     [f"--config={T}:sft_llama3_8b", "--topology=v5e:2x4", "--what=train_step", "--config.mesh_shape=(1,8,1)",
-      "--config.eval_batch_size=8"]),
-    ("smaller:rm_6p7b", "v5e:4x4, mesh (1, 2, 8), 2 prompts x 32 steps",
-     [f"--config={T}:rm_6p7b", "--topology=v5e:4x4", "--what=train_step", "--config.mesh_shape=(1,2,8)",
-      "--config.batch_size=2", "--config.optim.grad_accum_steps=32"]),
-    ("smaller:rm_llama3_8b", "v5e:4x4, mesh (1, 2, 8), 2 prompts x 32 steps",
-     [f"--config={T}:rm_llama3_8b", "--topology=v5e:4x4", "--what=train_step", "--config.mesh_shape=(1,2,8)",
-      "--config.batch_size=2", "--config.optim.grad_accum_steps=32"]),
-    ("smaller:ppo_ptx_1p3b", "v5e:4x8, mesh (1, 32, 1), 32 episodes x 2 steps",
-     [f"--config={T}:ppo_ptx_1p3b", "--topology=v5e:4x8", "--config.mesh_shape=(1,32,1)", *_accum(32, 2),
-      "--config.eval_batch_size=224"]),
-    ("smaller:ppo_ptx_6p7b", "v5e:8x8, mesh (1, 16, 4), 16 episodes x 4 steps",
-     [f"--config={T}:ppo_ptx_6p7b", "--topology=v5e:8x8", "--config.mesh_shape=(1,16,4)", *_accum(16, 4),
-      "--config.eval_batch_size=208"]),
-    ("smaller:ppo_ptx_llama3_8b", "v5e:4x8, mesh (1, 4, 8), 4 episodes x 16 steps",
-     [f"--config={T}:ppo_ptx_llama3_8b", "--topology=v5e:4x8", "--config.mesh_shape=(1,4,8)", *_accum(4, 16),
-      "--config.eval_batch_size=200"]),
-    ("noscan:sft_1p3b", "sft_1p3b train step with scan_layers off (24 blocks unrolled)",
-     [f"--config={T}:sft_1p3b", "--what=train_step", "--config.model.scan_layers=False"]),
-]  # fmt: skip
+    (
+        "ppo:data_parallel",
+        "data parallelism instead of FSDP, mesh (64, 1, 1)",
+        [f"--config={T}:ppo_ptx_1p3b", "--config.mesh_shape=(64,1,1)"],
+    ),
+    (
+        "ppo:tensor4",
+        "tensor parallelism 4, mesh (1, 16, 4), 16 episodes x 4 steps",
+        [f"--config={T}:ppo_ptx_1p3b", "--config.mesh_shape=(1,16,4)", *_accum(16, 4)],
+    ),
+    (
+        "smaller:sft_6p7b",
+        "v5e:2x4, mesh (1, 8, 1)",
+        [
+            f"--config={T}:sft_6p7b",
+            "--topology=v5e:2x4",
+            "--what=train_step",
+            "--config.mesh_shape=(1,8,1)",
+            "--config.eval_batch_size=8",
+        ],
+    ),
+    (
+        "smaller:sft_llama3_8b",
+        "v5e:2x4, mesh (1, 8, 1)",
+        [
+            f"--config={T}:sft_llama3_8b",
+            "--topology=v5e:2x4",
+            "--what=train_step",
+            "--config.mesh_shape=(1,8,1)",
+            "--config.eval_batch_size=8",
+        ],
+    ),
+    (
+        "smaller:rm_6p7b",
+        "v5e:4x4, mesh (1, 2, 8), 2 prompts x 32 steps",
+        [
+            f"--config={T}:rm_6p7b",
+            "--topology=v5e:4x4",
+            "--what=train_step",
+            "--config.mesh_shape=(1,2,8)",
+            "--config.batch_size=2",
+            "--config.optim.grad_accum_steps=32",
+        ],
+    ),
+    (
+        "smaller:rm_llama3_8b",
+        "v5e:4x4, mesh (1, 2, 8), 2 prompts x 32 steps",
+        [
+            f"--config={T}:rm_llama3_8b",
+            "--topology=v5e:4x4",
+            "--what=train_step",
+            "--config.mesh_shape=(1,2,8)",
+            "--config.batch_size=2",
+            "--config.optim.grad_accum_steps=32",
+        ],
+    ),
+    (
+        "smaller:ppo_ptx_1p3b",
+        "v5e:4x8, mesh (1, 32, 1), 32 episodes x 2 steps",
+        [
+            f"--config={T}:ppo_ptx_1p3b",
+            "--topology=v5e:4x8",
+            "--config.mesh_shape=(1,32,1)",
+            *_accum(32, 2),
+            "--config.eval_batch_size=224",
+        ],
+    ),
+    (
+        "smaller:ppo_ptx_6p7b",
+        "v5e:8x8, mesh (1, 16, 4), 16 episodes x 4 steps",
+        [
+            f"--config={T}:ppo_ptx_6p7b",
+            "--topology=v5e:8x8",
+            "--config.mesh_shape=(1,16,4)",
+            *_accum(16, 4),
+            "--config.eval_batch_size=208",
+        ],
+    ),
+    (
+        "smaller:ppo_ptx_llama3_8b",
+        "v5e:4x8, mesh (1, 4, 8), 4 episodes x 16 steps",
+        [
+            f"--config={T}:ppo_ptx_llama3_8b",
+            "--topology=v5e:4x8",
+            "--config.mesh_shape=(1,4,8)",
+            *_accum(4, 16),
+            "--config.eval_batch_size=200",
+        ],
+    ),
+    (
+        "noscan:sft_1p3b",
+        "sft_1p3b train step with scan_layers off (24 blocks unrolled)",
+        [f"--config={T}:sft_1p3b", "--what=train_step", "--config.model.scan_layers=False"],
+    ),
+]
 GiB = 1024**3
 
 
@@ -88,8 +184,13 @@ def compile_row(tag: str, args: list[str], out: pathlib.Path) -> dict:
     log = out / f"{tag.replace(':', '_')}.log"
     start = time.perf_counter()
     with log.open("w") as stderr:
-        proc = subprocess.run([sys.executable, str(REPO / "scripts/aot_compile.py"), *args], cwd=REPO, stderr=stderr,
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "scripts/aot_compile.py"), *args],
+            cwd=REPO,
+            stderr=stderr,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
     lines = proc.stdout.strip().splitlines()
     if proc.returncode or not lines or not lines[-1].startswith("{"):
         # A crash of the compiler itself (libtpu has segfaulted on some programs): keep what it compiled
@@ -132,8 +233,12 @@ HEADER = (
 def tables(runs: dict[str, dict]) -> str:
     """docs/scaling.md's tables from the rows compiled so far (missing rows are listed, not invented)."""
     out = []
-    sections = (("Presets on their slices", "preset:"), ("The next smaller slice", "smaller:"),
-                ("PPO: each choice undone on ppo_ptx_1p3b", "ppo:"), ("scan_layers off", "noscan:"))  # fmt: skip
+    sections = (
+        ("Presets on their slices", "preset:"),
+        ("The next smaller slice", "smaller:"),
+        ("PPO: each choice undone on ppo_ptx_1p3b", "ppo:"),
+        ("scan_layers off", "noscan:"),
+    )
     for title, prefix in sections:
         out += [f"### {title}", "", HEADER]
         for tag, what, _ in ROWS:

@@ -11,8 +11,9 @@ import pathlib
 
 from absl import app, flags, logging
 
-from instructjax import evaluate, reward
-from instructjax.data import world
+from instructjax import reward
+from instructjax.data import world_tasks
+from instructjax.stage import load_stage
 
 _POLICY = flags.DEFINE_string("policy", None, "the policy stage's workdir", required=True)
 _RM = flags.DEFINE_string("rm", None, "the reward model's workdir", required=True)
@@ -24,11 +25,11 @@ _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    policy = evaluate.load_stage(_POLICY.value, best=True)
+    policy = load_stage(_POLICY.value, best=True)
     rm = reward.load_reward_model(_RM.value)
     test = pathlib.Path(policy.config.data.world_dir) / "prompts_test.jsonl"
     prompts = [json.loads(line)["prompt"] for line in test.read_text().splitlines()][: _PROMPTS.value]
-    rows = reward.best_of_n(rm, policy, prompts, world.gold_score, [int(n) for n in _NS.value], seed=_SEED.value)
+    rows = reward.best_of_n(rm, policy, prompts, world_tasks.gold_score, [int(n) for n in _NS.value], seed=_SEED.value)
     print("   n  KL_bon  gold(RM pick)  gold(oracle pick)")
     for r in rows:
         print(f"{r['n']:4d}  {r['kl']:6.2f}  {r['rm_pick_gold']:13.3f}  {r['oracle_gold']:17.3f}")

@@ -20,6 +20,7 @@ from absl import app, flags, logging
 
 from instructjax import evaluate
 from instructjax.data import formats
+from instructjax.stage import load_stage
 
 _POLICY = flags.DEFINE_string("policy", None, "the policy stage's workdir", required=True)
 _PROMPTS = flags.DEFINE_string("prompts_file", None, "jsonl with a 'prompt' per line", required=True)
@@ -35,7 +36,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     with open(_PROMPTS.value) as f:
         prompts = [json.loads(line)["prompt"] for line in f]
-    policy = evaluate.load_stage(_POLICY.value, best=True)
+    policy = load_stage(_POLICY.value, best=True)
     mix_with = None
     if _MIX_WITH.value:
         mix_with = {}

@@ -12,6 +12,7 @@ import json
 from absl import app, flags, logging
 
 from instructjax import evaluate, reward
+from instructjax.stage import load_stage
 
 _POLICY = flags.DEFINE_string("policy", None, "the policy stage's workdir", required=True)
 _RM = flags.DEFINE_string("rm", None, "the reward model's workdir", required=True)
@@ -27,7 +28,7 @@ def main(argv):
     with open(_PROMPTS.value) as f:
         prompts = [json.loads(line)["prompt"] for line in f][: _N.value]
     rm = reward.load_reward_model(_RM.value)
-    policy = evaluate.load_stage(_POLICY.value, best=True)
+    policy = load_stage(_POLICY.value, best=True)
     result = evaluate.rm_agreement(rm, policy, prompts, _SAMPLES.value, seed=_SEED.value)
     print(json.dumps(result, indent=1))
 

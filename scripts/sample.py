@@ -13,7 +13,7 @@ import pathlib
 
 from absl import app, flags, logging
 
-from instructjax import evaluate
+from instructjax.stage import load_stage, sample_texts
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a stage's workdir (config.json + checkpoints)", required=True)
 _BEST = flags.DEFINE_bool("best", False, "load the best evaluation's params instead of the latest")
@@ -39,8 +39,8 @@ def main(argv):
     prompts = prompts[: _LIMIT.value] if _LIMIT.value else prompts
     if not prompts:
         raise app.UsageError("give --prompt or --prompts_file")
-    stage = evaluate.load_stage(_WORKDIR.value, best=_BEST.value)
-    responses = evaluate.sample_texts(
+    stage = load_stage(_WORKDIR.value, best=_BEST.value)
+    responses = sample_texts(
         stage,
         prompts,
         max_new_tokens=_NEW.value,

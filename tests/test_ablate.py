@@ -1,5 +1,5 @@
-"""Ablation sweeps (instructjax/ablate.py): Gao et al.'s fits, the points and their shared directories. A small
-sweep end to end runs in test_stages.py, on the quick job's stages as its upstream."""
+"""Ablation sweeps (instructjax/ablate.py, ablate_report.py): Gao et al.'s fits, the points and their shared
+directories. A small sweep end to end runs in test_stages.py, on the quick job's stages as its upstream."""
 
 import math
 import pathlib
@@ -8,29 +8,29 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from instructjax import ablate
+from instructjax import ablate, ablate_report
 
 SWEEPS = ("ptx_coef", "kl_coef", "ppo_lr", "episodes", "rm_batching", "overoptimization")
 
 
 def test_fits_recover_gao_forms():
     d = np.linspace(0.1, 3.0, 12)
-    bon = ablate.fit_bon(d, d * (0.4 - 0.15 * d))
+    bon = ablate_report.fit_bon(d, d * (0.4 - 0.15 * d))
     assert bon["alpha"] == pytest.approx(0.4) and bon["beta"] == pytest.approx(0.15) and bon["r2"] == pytest.approx(1)
     assert bon["peak_d"] == pytest.approx(0.4 / 0.3) and bon["peak_r"] == pytest.approx(0.4**2 / 0.6)
-    rl = ablate.fit_rl(np.r_[0.0, d], np.r_[0.0, d * (0.3 - 0.2 * np.log(d))])  # d = 0 is left out (log 0)
+    rl = ablate_report.fit_rl(np.r_[0.0, d], np.r_[0.0, d * (0.3 - 0.2 * np.log(d))])  # d = 0 is left out (log 0)
     assert rl["alpha"] == pytest.approx(0.3) and rl["beta"] == pytest.approx(0.2) and rl["r2"] == pytest.approx(1)
     assert rl["peak_d"] == pytest.approx(math.exp(0.3 / 0.2 - 1)) and rl["peak_r"] == pytest.approx(0.2 * rl["peak_d"])
     rng = np.random.default_rng(0)
-    noisy = ablate.fit_bon(d, d * (0.4 - 0.15 * d) + rng.normal(0, 0.05, d.shape))
+    noisy = ablate_report.fit_bon(d, d * (0.4 - 0.15 * d) + rng.normal(0, 0.05, d.shape))
     assert 0.0 < noisy["r2"] < 1.0
     with pytest.raises(ValueError, match="at least 3 points"):
-        ablate.fit_bon([0.1, 0.2], [0.0, 0.1])
+        ablate_report.fit_bon([0.1, 0.2], [0.0, 0.1])
 
 
 def test_rl_points_bin_the_rollout_curve():
     curve = [{"kl": k, "gold_score": 0.2 + k / 10, "rm_score": k} for k in (0.0, 1.0, 4.0, 4.0, 9.0)]
-    out = ablate.rl_points(curve, gold0=0.2, proxy0=0.0, window=2)  # the fifth row is an incomplete window
+    out = ablate_report.rl_points(curve, gold0=0.2, proxy0=0.0, window=2)  # the fifth row is an incomplete window
     assert out["d"] == pytest.approx([math.sqrt(0.5), 2.0]) and out["gold"] == pytest.approx([0.05, 0.4])
     assert out["proxy"] == pytest.approx([0.5, 4.0])
 

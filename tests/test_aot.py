@@ -1,6 +1,7 @@
-"""Ahead-of-time compilation for a TPU slice on this CPU machine (``instructjax/aot.py``): the tiny SFT, RM and
-PPO programs compile for v5e:2x2 with libtpu; the memory plan is positive and an FSDP-sharded state takes a
-quarter per chip; bad topologies and a missing libtpu are clear errors; the TPU presets name consistent slices.
+"""Ahead-of-time compilation for a TPU slice on this CPU machine (``instructjax/aot.py``, ``aot_compiler.py``):
+the tiny SFT, RM and PPO programs compile for v5e:2x2 with libtpu; the memory plan is positive and an
+FSDP-sharded state takes a quarter per chip; bad topologies and a missing libtpu are clear errors; the TPU
+presets name consistent slices.
 
 CI installs only '.[test]' (no libtpu): the compiling tests skip there and run where '.[tpu]' is installed.
 """
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import REPO, load_config, load_config_module
 
-from instructjax import aot, configlib
+from instructjax import aot, aot_compiler, configlib
 from instructjax.model import ModelConfig, Transformer, count_params
 from instructjax.sharding import abstract_params
 
@@ -24,7 +25,7 @@ TOPOLOGY = "v5e:2x2"
 
 @pytest.fixture(scope="module")
 def topology():
-    return aot.topology(TOPOLOGY)
+    return aot_compiler.topology(TOPOLOGY)
 
 
 def _check_positive(report):
@@ -36,6 +37,7 @@ def _check_positive(report):
         assert p.total_bytes < report["hbm_bytes_per_device"], p
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_sft_step_argument_bytes_are_the_fsdp_sharded_state(topology):
     # The tiny SFT config with TPU-lane-wide shards (512 / 4 = 128), so tile padding does not blur the count.
@@ -54,6 +56,7 @@ def test_sft_step_argument_bytes_are_the_fsdp_sharded_state(topology):
     assert step.flops > 0.9 * step.model_flops
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_tiny_rm_train_and_eval_steps_compile(topology):
     config = load_config("configs/rm.py", "tiny")
@@ -65,6 +68,7 @@ def test_tiny_rm_train_and_eval_steps_compile(topology):
     assert evaluate.resident_bytes > 0 and evaluate.alias_bytes == 0  # Adam state beside it; params not donated
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_tiny_ppo_update_and_rollout_compile(topology):
     config = load_config("configs/ppo.py", "tiny_ptx")
@@ -78,19 +82,19 @@ def test_tiny_ppo_update_and_rollout_compile(topology):
     assert names == ["ppo train_step (minibatch update)", "ppo rollout: generate", "ppo rollout: score"]
     update, generate, score = report["programs"]
     assert update.resident_bytes > 0 and generate.resident_bytes > update.resident_bytes  # frozen models; + Adam
-    data = aot.report_dict(report)
+    data = aot_compiler.report_dict(report)
     assert data["fits"] and all(p["headroom_bytes"] > 0 for p in data["programs"])
-    assert "ppo train_step" in aot.format_table(report)
+    assert "ppo train_step" in aot_compiler.format_table(report)
 
 
 def test_unknown_topology_and_missing_libtpu_are_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="unknown TPU topology 'tpu-v5e-16'"):
-        aot.topology("tpu-v5e-16")
+        aot_compiler.topology("tpu-v5e-16")
     with pytest.raises(ValueError, match="unknown TPU topology 'v9:2x2'"):
-        aot.topology("v9:2x2")
-    monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None)
+        aot_compiler.topology("v9:2x2")
+    monkeypatch.setattr(aot_compiler.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(RuntimeError, match=r"pip install -e '\.\[tpu\]'"):
-        aot.topology("v5e:2x2")
+        aot_compiler.topology("v5e:2x2")
     with pytest.raises(ValueError, match="stage 'sft' has no rollout"):
         aot.compile_config(load_config("configs/sft.py", "tiny"), "v5e:2x2", "rollout")
 
@@ -98,18 +102,19 @@ def test_unknown_topology_and_missing_libtpu_are_clear_errors(monkeypatch):
 @needs_libtpu
 def test_a_shape_libtpu_rejects_is_named():
     with pytest.raises(ValueError, match="libtpu rejects TPU topology 'v5e:3x3'"):
-        aot.topology("v5e:3x3")
+        aot_compiler.topology("v5e:3x3")
 
 
 def test_tpu_presets_name_a_slice_their_mesh_fills():
     for name in load_config_module("configs/tpu.py").PRESETS:
         config = load_config("configs/tpu.py", name)
         family, shape = config.tpu_slice.split(":")
-        assert family in aot.HBM_GIB_PER_CHIP
+        assert family in aot_compiler.HBM_GIB_PER_CHIP
         assert math.prod(config.mesh_shape) == math.prod(int(s) for s in shape.split("x")), name
         assert config.model.scan_layers if "model" in config else config.aot.policy_model.scan_layers
 
 
+@pytest.mark.slow
 def test_train_state_with_gradient_accumulation_is_created_sharded_and_steps():
     # optax.MultiSteps holds an empty tuple (skip_state=()): the presets accumulate, so the state must shard.
     import jax
@@ -139,9 +144,19 @@ def test_sweep_tables_show_every_row_and_name_what_was_not_compiled():
     sweep = configlib.load_module(REPO / "scripts/aot_sweep.py")
     presets = load_config_module("configs/tpu.py").PRESETS
     assert all(p in presets for p in sweep.PRESETS)
-    program = dict(name="sft train_step", argument_bytes=2 * aot.GiB, temp_bytes=10 * aot.GiB, resident_bytes=0,
-                   total_bytes=12 * aot.GiB, headroom_bytes=4 * aot.GiB, fits=True, flops=1.8e14,
-                   compile_seconds=60.0, error="")  # fmt: skip
+    gib = aot_compiler.GiB
+    program = dict(
+        name="sft train_step",
+        argument_bytes=2 * gib,
+        temp_bytes=10 * gib,
+        resident_bytes=0,
+        total_bytes=12 * gib,
+        headroom_bytes=4 * gib,
+        fits=True,
+        flops=1.8e14,
+        compile_seconds=60.0,
+        error="",
+    )
     compiled = {"topology": "v5e:2x2", "mesh": {"data": 1, "fsdp": 4, "tensor": 1}, "programs": [program]}
     crashed = {"failed": "segmentation fault", "compiled_before": [["ppo rollout: generate", "16.19"]]}
     text = sweep.tables({"preset:sft_1p3b": compiled, "smaller:ppo_ptx_1p3b": crashed})

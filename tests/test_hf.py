@@ -244,6 +244,7 @@ def test_live_reward_model_export_scores_like_ours(transformers, family, tmp_pat
 # ------------------------------------------------------------------------------------ (d) sharded load
 
 
+@pytest.mark.slow
 def test_sharded_load_matches_one_device_and_reads_only_slices(monkeypatch):
     reads: list[tuple[str, tuple[int, ...]]] = []
     original_read = hf._Checkpoint.read
@@ -313,6 +314,7 @@ def test_bfloat16_checkpoint_is_read(tmp_path):
 # ------------------------------------------------------------------------------------------- workdirs
 
 
+@pytest.mark.slow
 def test_workdir_import_export_and_script(tmp_path):
     work = tmp_path / "work"
     config = hf.import_to_workdir(FIXTURES / "llama", work, mesh_shape=(1, 4, 2), pad_vocab_to_multiple=2)

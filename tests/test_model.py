@@ -9,7 +9,8 @@ import pytest
 from conftest import load_config
 
 from instructjax import sharding
-from instructjax.model import ModelConfig, Transformer, grow_cache, init_cache
+from instructjax.kv_cache import grow_cache, init_cache
+from instructjax.model import ModelConfig, Transformer
 
 STYLES = ["tiny", "tiny_llama"]
 MESHES = {"1 device": None, "data=8": (8, 1, 1), "fsdp=4,tensor=2": (1, 4, 2), "data=2,fsdp=2,tensor=2": (2, 2, 2)}
@@ -55,6 +56,7 @@ def run_on_mesh(cfg, shape, tokens, mask):
     return np.asarray(logits), jax.tree.map(np.asarray, grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", STYLES)
 def test_forward_and_gradients_equal_on_every_mesh(preset):
     cfg = make_cfg(preset)
@@ -89,9 +91,12 @@ CACHE_VARIANTS = {
     "llama_gqa_scanned_remat": ("tiny_llama", {"scan_layers": True, "remat": "full"}),
     "qwen2_qkv_bias": ("tiny_llama", {"qkv_bias": True}),
 }
+SLOW_CACHE_VARIANTS = {"gpt2_scanned", "llama_gqa_scanned_remat"}  # scan (and remat) compile the longest
 
 
-@pytest.mark.parametrize("variant", CACHE_VARIANTS)
+@pytest.mark.parametrize(
+    "variant", [pytest.param(v, marks=pytest.mark.slow) if v in SLOW_CACHE_VARIANTS else v for v in CACHE_VARIANTS]
+)
 def test_kv_cache_prefill_then_decode_equals_full_forward(variant):
     preset, overrides = CACHE_VARIANTS[variant]
     cfg = make_cfg(preset, **overrides)
@@ -199,6 +204,7 @@ def test_bad_model_config_is_a_clear_error():
         ModelConfig.from_dict({**make_cfg("tiny").__dict__, "d_modle": 3})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", STYLES)
 def test_packed_segments_match_separate_sequences(preset):
     cfg = make_cfg(preset)

@@ -14,6 +14,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from conftest import REPO, load_config, step_of_running_job
 
 from instructjax import checkpoint, reward, train_ppo, train_rm, train_sft
@@ -82,6 +83,7 @@ def _wait_for_checkpoint(workdir, step: int, child: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sft_two_processes_match_one_through_preemption_and_kill(small_world, tmp_path):
     """2 × 4 devices against 1 × 8: the same losses, through a SIGTERM that reaches one host only (both
     save and exit at the same step) and a SIGKILL of both (the rerun resumes from the last checkpoint)."""
@@ -112,6 +114,7 @@ def test_sft_two_processes_match_one_through_preemption_and_kill(small_world, tm
     np.testing.assert_allclose(logged(workdir, "val_loss"), logged(tmp_path / "one", "val_loss"), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_rm_two_processes_match_one(small_world, sft_dir, tmp_path):
     overrides = {
         "data.world_dir": str(small_world),
@@ -131,6 +134,7 @@ def test_rm_two_processes_match_one(small_world, sft_dir, tmp_path):
     np.testing.assert_allclose(bias[1], bias[0], rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_ppo_two_processes_match_one(sft_dir, rm_dir, tmp_path):
     overrides = {
         "policy_from": str(sft_dir),

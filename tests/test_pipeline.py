@@ -42,6 +42,7 @@ def test_build_is_keyed_by_input_contents(world_dir, tmp_path):
     assert len(tfds_builder.build("demos", {"train": demo}, tmp_path)["train"]) == 20 + 1
 
 
+@pytest.mark.slow
 def test_processes_building_the_same_dataset_at_once_all_succeed(world_dir, tmp_path):
     # An ablation's worker processes start their runs together and build the same prompts dataset.
     # Four processes wait for one start time, then build into one root; unlocked, the later ones failed

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import kill_after_checkpoint, load_config
 
-from instructjax import checkpoint, losses, rollout, train_ppo
+from instructjax import checkpoint, losses, ppo_steps, rollout, train_ppo
 from instructjax.metrics import read_metrics
 
 
@@ -127,15 +127,16 @@ def test_ppo_policy_and_value_losses_match_numpy():
 
 def test_adaptive_kl_controller():
     kl = load_config("configs/ppo.py", "tiny").kl
-    assert float(train_ppo._kl_controller(kl, jnp.float32(0.02), jnp.float32(100.0), 512)) == pytest.approx(0.02)
+    assert float(ppo_steps.kl_controller(kl, jnp.float32(0.02), jnp.float32(100.0), 512)) == pytest.approx(0.02)
     kl.mode, kl.target, kl.horizon = "adaptive", 6.0, 10_000
-    up = float(train_ppo._kl_controller(kl, jnp.float32(0.02), jnp.float32(12.0), 512))
+    up = float(ppo_steps.kl_controller(kl, jnp.float32(0.02), jnp.float32(12.0), 512))
     assert up == pytest.approx(0.02 * (1 + 0.2 * 512 / 10_000))  # error clipped at +0.2
-    down = float(train_ppo._kl_controller(kl, jnp.float32(0.02), jnp.float32(5.7), 512))
+    down = float(ppo_steps.kl_controller(kl, jnp.float32(0.02), jnp.float32(5.7), 512))
     assert down == pytest.approx(0.02 * (1 - 0.05 * 512 / 10_000), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------- the stage
+@pytest.mark.slow
 def test_first_update_ratio_is_exactly_one(sft_dir, rm_dir, tmp_path):
     """Same params, no dropout: the recomputed log-probs equal the rollout's, so ρ = 1 and KL(π‖π_ref) = 0."""
     config = ppo_config(sft_dir, rm_dir, num_iterations=1, **{"optim.lr": 0.0, "value_optim.lr": 0.0})
@@ -147,20 +148,35 @@ def test_first_update_ratio_is_exactly_one(sft_dir, rm_dir, tmp_path):
     assert row["kl"] == 0.0  # the policy starts as the reference
 
 
+@pytest.mark.slow
 def test_gold_reward_ablation_optimises_the_gold_score(sft_dir, rm_dir, tmp_path):
     train_ppo.train(ppo_config(sft_dir, rm_dir, num_iterations=2, reward="gold"), tmp_path)
     rows = iteration_rows(tmp_path)
     assert [r["rm_score"] for r in rows] == pytest.approx([r["gold_score"] for r in rows], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_ppo_and_ptx_run_and_log_every_metric(sft_dir, rm_dir, tmp_path):
     summary = train_ppo.train(ppo_config(sft_dir, rm_dir, preset="tiny_ptx", eval_every=2), tmp_path)
     assert summary["status"] == "done" and summary["step"] == 4
     rows = iteration_rows(tmp_path)
     for key in (
-        "rm_score", "gold_score", "kl", "entropy", "clip_frac", "approx_kl", "explained_variance", "ptx_loss",
-        "response_length", "time_generate", "time_score", "time_update", "pg_loss", "value_loss", "kl_coef",
-    ):  # fmt: skip
+        "rm_score",
+        "gold_score",
+        "kl",
+        "entropy",
+        "clip_frac",
+        "approx_kl",
+        "explained_variance",
+        "ptx_loss",
+        "response_length",
+        "time_generate",
+        "time_score",
+        "time_update",
+        "pg_loss",
+        "value_loss",
+        "kl_coef",
+    ):
         assert all(np.isfinite(r[key]) for r in rows), key
     assert rows[-1]["ptx_loss"] > 0 and rows[-1]["kl_coef"] == pytest.approx(0.3)  # fixed β of the tiny presets
     evals = [r for r in read_metrics(tmp_path) if "val_rm_score" in r]
@@ -170,6 +186,7 @@ def test_ppo_and_ptx_run_and_log_every_metric(sft_dir, rm_dir, tmp_path):
     assert evaluate.load_stage(tmp_path).model_cfg.head == "lm"  # a PPO workdir is a normal stage workdir
 
 
+@pytest.mark.slow
 def test_two_iterations_on_fsdp4_tensor2_match_one_device(sft_dir, rm_dir, tmp_path, monkeypatch):
     from instructjax import sharding
 
@@ -197,6 +214,7 @@ train_ppo.train(ppo_config(sys.argv[1], sys.argv[2], preset="tiny_ptx", num_iter
 """
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_is_bit_identical(sft_dir, rm_dir, tmp_path):
     config = ppo_config(sft_dir, rm_dir, preset="tiny_ptx", num_iterations=20)
     train_ppo.train(config, tmp_path / "straight")
@@ -216,11 +234,13 @@ def _final_state(config, workdir):
 
     step = checkpoint.final_step(workdir)
     with ocp.CheckpointManager(workdir.absolute() / "checkpoints") as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
-                                                                  train=ocp.args.StandardRestore()))  # fmt: skip
+        restored = manager.restore(
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(), train=ocp.args.StandardRestore())
+        )
     return restored["params"], restored["train"]
 
 
+@pytest.mark.slow
 def test_bad_ppo_config_errors(sft_dir, rm_dir, tmp_path):
     with pytest.raises(ValueError, match="policy_from .* are required"):
         train_ppo.train(ppo_config("", rm_dir), tmp_path / "a")

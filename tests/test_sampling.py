@@ -18,6 +18,7 @@ def params_for(cfg, seed=0):
     return nn.unbox(Transformer(cfg).init(jax.random.key(seed), np.zeros((1, 4), np.int32))["params"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny", "tiny_llama"])
 def test_cached_decoding_equals_full_recompute(preset):
     cfg = make_cfg(preset)
@@ -45,6 +46,7 @@ def test_cached_decoding_equals_full_recompute(preset):
         assert np.all(np.asarray(out.logprobs) <= 0)
 
 
+@pytest.mark.slow
 def test_compiles_once_per_bucket():
     cfg = make_cfg("tiny", max_len=96)  # a config no other test uses: a fresh jit cache entry
     params = params_for(cfg)
@@ -71,6 +73,7 @@ def test_compiles_once_per_bucket():
     assert sampling._generate_cached._cache_size() == before + 2
 
 
+@pytest.mark.slow
 def test_eos_stops_a_row_and_masks_the_rest():
     cfg = make_cfg("tiny")
     params = params_for(cfg)
@@ -109,6 +112,7 @@ def test_all_rows_done_exits_early():
     assert np.asarray(out.mask).sum() == len(PROMPTS) and (np.asarray(out.tokens[:, 0]) == eos).all()
 
 
+@pytest.mark.slow
 def test_filters_top_k_and_top_p():
     cfg = make_cfg("tiny")
     params = params_for(cfg)
@@ -185,6 +189,7 @@ def test_top_p_keeps_the_nucleus():
     np.testing.assert_allclose(threshold, np.log([0.3]), rtol=1e-6)  # 0.5 + 0.3 reaches 0.7: the nucleus ends at 0.3
 
 
+@pytest.mark.slow
 def test_sharded_sampling_equals_one_device():
     cfg = make_cfg("tiny_llama")
     prompts = PROMPTS * 2  # batch 8 divides data x fsdp = 4
@@ -201,6 +206,7 @@ def test_sharded_sampling_equals_one_device():
     np.testing.assert_allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_generation_runs_and_mostly_agrees_with_f32():
     cfg = make_cfg("tiny")
     params = params_for(cfg)

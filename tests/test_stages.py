@@ -9,8 +9,8 @@ import sys
 import pytest
 from conftest import REPO, load_config, load_config_module
 
-from instructjax import ablate, stages, train_ppo, train_rm, train_sft
-from instructjax.data import world
+from instructjax import ablate, ablate_report, stages, train_ppo, train_rm, train_sft
+from instructjax.data import world_tasks
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +21,7 @@ def quick_job(tmp_path_factory):
     return config, workdir, stages.run(config, workdir)
 
 
+@pytest.mark.slow
 def test_quick_pipeline_end_to_end_and_rerun_skips(quick_job, monkeypatch, capsys):
     config, tmp_path, results = quick_job
     assert set(results["models"]) == {"base", "sft", "ppo_init", "ppo", "ppo_ptx"}
@@ -30,7 +31,7 @@ def test_quick_pipeline_end_to_end_and_rerun_skips(quick_job, monkeypatch, capsy
         assert 0.0 <= r["gold_score"] <= 1.0 and r["pretrain_nll"] > 0, name
         assert 0.0 <= r["gold_win_rate_vs_sft"] <= 1.0 and 0.0 <= r["rm_win_rate_vs_sft"] <= 1.0, name
         by_family = r["gold_by_family"]  # the mean over all prompts lies between the families' means
-        assert set(by_family) <= set(world.FAMILIES) and len(by_family) > 3, name
+        assert set(by_family) <= set(world_tasks.FAMILIES) and len(by_family) > 3, name
         assert min(by_family.values()) - 1e-9 <= r["gold_score"] <= max(by_family.values()) + 1e-9, name
         assert json.loads((tmp_path / name / "summary.json").read_text())["status"] == "done"
     assert json.loads((tmp_path / "results.json").read_text())["models"] == results["models"]
@@ -81,6 +82,7 @@ def test_win_rate_counts_ties_half():
         evaluate.win_rate([1.0], [1.0, 2.0])
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs(quick_job, monkeypatch):
     """The notebook executes top to bottom (so it cannot rot). It reuses this module's finished job, so
     its ``stages.run`` skips the training stages and re-evaluates."""
@@ -103,6 +105,7 @@ def test_quickstart_notebook_runs(quick_job, monkeypatch):
     assert sum("image/png" in out.get("data", {}) for out in outputs) == 2
 
 
+@pytest.mark.slow
 def test_pipeline_on_your_data_from_an_imported_hf_model(quick_job, tmp_path):
     """``data_dir`` + ``base_from``: the README's recipe for your own data and a Hugging Face model. The
     data here is the quick world's jsonl without ``world.json``, so there is no gold score to report."""
@@ -151,6 +154,7 @@ def _small_sweep(pipeline, upstream: pathlib.Path):
     return config
 
 
+@pytest.mark.slow
 def test_small_ablation_sweep_a_failed_point_spares_the_others_and_a_rerun_skips(quick_job, tmp_path):
     """``ablate.run`` with the quick job's stages as its upstream (finished: not trained again)."""
     pipeline, upstream, _ = quick_job
@@ -192,6 +196,6 @@ def test_small_ablation_sweep_a_failed_point_spares_the_others_and_a_rerun_skips
     for figure, metrics in (("sweep", ("gold_score", "alignment_tax")), ("curves", ("val_loss", "val_accuracy"))):
         other = config.copy_and_resolve_references()
         other.figure, other.metrics, other.x, other.x_scale = figure, metrics, "ppo.ptx_coef", "symlog"
-        ablate.plot(other, summary, tmp_path / f"{figure}.png")
+        ablate_report.plot(other, summary, tmp_path / f"{figure}.png")
         assert (tmp_path / f"{figure}.png").stat().st_size > 10_000
-        assert len(ablate.table(other, summary).splitlines()) == 4  # head, rule, the init's row, the point
+        assert len(ablate_report.table(other, summary).splitlines()) == 4  # head, rule, the init's row, the point

@@ -7,34 +7,37 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from instructjax.data import world
+from instructjax.data import world_tasks, world_writers
 from instructjax.tokenizer import load_tokenizer
 
 LINES = ["the cat sees a big dog", "sort 3 1 2 gives 1 2 3", "we have 3 apples and 2 pears", "the red fox eats"] * 20
 
 
 def test_world_tokenizer_round_trip(tmp_path):
-    world.write_tokenizer(tmp_path / "tokenizer.json")
+    world_tasks.write_tokenizer(tmp_path / "tokenizer.json")
     for path in (tmp_path, tmp_path / "tokenizer.json"):  # a directory or the file itself
         tok = load_tokenizer(path)
         assert (tok.kind, tok.pad_id, tok.eos_id, tok.vocab_size) == (
             "hf",
-            world.PAD_ID,
-            world.EOS_ID,
-            len(world.VOCAB),
+            world_tasks.PAD_ID,
+            world_tasks.EOS_ID,
+            len(world_tasks.VOCAB),
         )
     rng = random.Random(0)
     for _ in range(200):
-        prompt = world.sample_prompt(rng)
-        text = f"{prompt} {world.write_completion(prompt, rng, world.BASE)[0]} {world.filler_sentence(rng)[0]}"
+        prompt = world_tasks.sample_prompt(rng)
+        completion = world_writers.write_completion(prompt, rng, world_writers.BASE)[0]
+        text = f"{prompt} {completion} {world_writers.filler_sentence(rng)[0]}"
         ids = tok.encode(text)
-        assert world.UNK_ID not in ids and world.EOS_ID not in ids and world.PAD_ID not in ids  # no specials added
+        assert (
+            world_tasks.UNK_ID not in ids and world_tasks.EOS_ID not in ids and world_tasks.PAD_ID not in ids
+        )  # no specials added
         assert len(ids) == len(text.split()) and tok.decode(ids) == text
     ids = tok.encode("sort 3 1 =>") + tok.encode("1 3")
     assert tok.decode([0, 0, *ids, 1, 0]) == "sort 3 1 => 1 3 <eos>"  # pad dropped, EOS decoded, no stop
     assert tok.decode_response([*tok.encode("1 3"), 1, 7, 0]) == ("1 3", True)
     assert tok.decode_response(tok.encode("1 3 sort")) == ("1 3 sort", False)
-    assert tok.encode("sort zebra") == [tok.encode("sort")[0], world.UNK_ID]
+    assert tok.encode("sort zebra") == [tok.encode("sort")[0], world_tasks.UNK_ID]
 
 
 def _bpe(special_tokens):

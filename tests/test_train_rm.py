@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import kill_after_checkpoint, load_config
 
-from instructjax import reward, train_rm
-from instructjax.data import formats, world
+from instructjax import reward, scoring, stage, train_rm
+from instructjax.data import formats, world_tasks
 from instructjax.metrics import read_metrics
 
 
@@ -38,10 +38,11 @@ def rm_params(config, workdir, best=False):
 def test_last_token_reads_the_eos_with_left_or_right_padding():
     values = jnp.arange(12.0).reshape(2, 6)
     mask = jnp.array([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1]])  # right-padded; left-padded prompt + response
-    np.testing.assert_array_equal(reward.last_token(values, mask), [2.0, 11.0])
-    assert float(reward.last_token(values, jnp.zeros((2, 6)))[0]) == 0.0  # an empty row reads position 0
+    np.testing.assert_array_equal(scoring.last_token(values, mask), [2.0, 11.0])
+    assert float(scoring.last_token(values, jnp.zeros((2, 6)))[0]) == 0.0  # an empty row reads position 0
 
 
+@pytest.mark.slow
 def test_rm_starts_from_sft_and_writes_metrics_and_bias(rm_run, sft_dir):
     config, workdir, summary = rm_run
     assert summary["status"] == "done" and summary["step"] == 12
@@ -57,11 +58,10 @@ def test_rm_starts_from_sft_and_writes_metrics_and_bias(rm_run, sft_dir):
 
 
 def train_sft_params(sft_dir):
-    from instructjax import evaluate
-
-    return evaluate.load_stage(sft_dir).params
+    return stage.load_stage(sft_dir).params
 
 
+@pytest.mark.slow
 def test_init_from_sft_copies_the_body(small_world, sft_dir, tmp_path):
     config = rm_config(small_world, sft_dir, num_steps=1, **{"optim.lr": 0.0})
     train_rm.train(config, tmp_path)
@@ -73,6 +73,7 @@ def test_init_from_sft_copies_the_body(small_world, sft_dir, tmp_path):
     assert 0.5 / np.sqrt(65) < std < 1.5 / np.sqrt(65)  # N(0, 1/(d_model+1))
 
 
+@pytest.mark.slow
 def test_normalised_demonstration_reward_is_zero(rm_run, small_world):
     _, workdir, _ = rm_run
     rm = reward.load_reward_model(workdir)
@@ -83,6 +84,7 @@ def test_normalised_demonstration_reward_is_zero(rm_run, small_world):
     assert scores.std() > 0
 
 
+@pytest.mark.slow
 def test_score_texts_ranks_as_the_training_path(rm_run, small_world):
     """The public scorer reproduces the validation accuracy the trainer logged."""
     _, workdir, summary = rm_run
@@ -96,6 +98,7 @@ def test_score_texts_ranks_as_the_training_path(rm_run, small_world):
     assert correct / total == pytest.approx(summary["final"]["val_accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_rm_learns_the_labelers_preferences(small_world, tmp_path):
     """From scratch, a few epochs over 40 ranked prompts: validation log loss falls below log 2 (and, as the
     paper warns, rises again with more epochs: ``best`` keeps the minimum)."""
@@ -106,6 +109,7 @@ def test_rm_learns_the_labelers_preferences(small_world, tmp_path):
     assert best["val_accuracy"] > 0.6
 
 
+@pytest.mark.slow
 def test_shuffled_pairs_variant_runs_and_counts_pairs(small_world, sft_dir, tmp_path):
     config = rm_config(small_world, sft_dir, preset="tiny_pairs", num_steps=4, eval_every=4)
     summary = train_rm.train(config, tmp_path)
@@ -115,6 +119,7 @@ def test_shuffled_pairs_variant_runs_and_counts_pairs(small_world, sft_dir, tmp_
     assert np.isfinite(summary["final"]["val_loss"])
 
 
+@pytest.mark.slow
 def test_five_steps_on_fsdp4_tensor2_match_one_device(small_world, sft_dir, tmp_path, monkeypatch):
     from instructjax import sharding
 
@@ -141,6 +146,7 @@ train_rm.train(rm_config(sys.argv[1], sys.argv[2], num_steps=40, eval_every=1000
 """
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_is_bit_identical(small_world, sft_dir, tmp_path):
     config = rm_config(small_world, sft_dir, num_steps=40, eval_every=1000)
     train_rm.train(config, tmp_path / "straight")
@@ -157,15 +163,16 @@ def test_sigkill_then_rerun_is_bit_identical(small_world, sft_dir, tmp_path):
     assert killed == straight
 
 
+@pytest.mark.slow
 def test_gold_accuracy_uses_the_world_gold_score(rm_run, small_world):
-    """val_gold_accuracy recomputed from the texts with world.gold_score and the public scorer."""
+    """val_gold_accuracy recomputed from the texts with world_tasks.gold_score and the public scorer."""
     _, workdir, summary = rm_run
     rm = reward.load_reward_model(workdir, best=False)
     rows, _ = formats.read_jsonl(small_world / "comparisons_valid.jsonl", "comparisons")
     correct = total = 0
     for row in rows:
         r = reward.score_texts(rm, [row["prompt"]] * len(row["completions"]), row["completions"], batch_size=16)
-        gold = [world.gold_score(row["prompt"], c, True) for c in row["completions"]]
+        gold = [world_tasks.gold_score(row["prompt"], c, True) for c in row["completions"]]
         for i in range(len(gold)):
             for j in range(len(gold)):
                 if gold[i] > gold[j]:
@@ -173,6 +180,7 @@ def test_gold_accuracy_uses_the_world_gold_score(rm_run, small_world):
     assert correct / total == pytest.approx(summary["final"]["val_gold_accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_bad_rm_config_errors(small_world, tmp_path):
     with pytest.raises(ValueError, match="needs head='scalar'"):
         train_rm.train(rm_config(small_world, **{"model.head": "lm"}), tmp_path / "a")
@@ -182,13 +190,14 @@ def test_bad_rm_config_errors(small_world, tmp_path):
         reward.load_reward_model(tmp_path / "b")
 
 
+@pytest.mark.slow
 def test_policy_samples_labeled_and_rm_agreement(sft_dir, rm_dir, small_world, monkeypatch):
     """Labeling and agreement on controlled "samples" (the briefly trained test policy never stops): the
     correct answer, a wrong one, and one that does not stop, per prompt."""
     from instructjax import evaluate
 
     def fake_samples(stage, prompts, **kwargs):
-        options = lambda p: [(" ".join(world.solve(p)), True), ("7", True), ("7 7", False)]  # noqa: E731
+        options = lambda p: [(" ".join(world_tasks.solve(p)), True), ("7", True), ("7 7", False)]  # noqa: E731
         return [options(p)[i % 3] for i, p in enumerate(prompts)]
 
     monkeypatch.setattr(evaluate, "sample_texts", fake_samples)
@@ -199,7 +208,7 @@ def test_policy_samples_labeled_and_rm_agreement(sft_dir, rm_dir, small_world, m
     assert labeled and all(formats.validate_row(r, "comparisons") == r for r in labeled)
     for r in labeled:
         assert "7 7" not in r["completions"]  # samples without EOS are dropped
-        gold = [world.gold_score(r["prompt"], c, True) for c in r["completions"]]
+        gold = [world_tasks.gold_score(r["prompt"], c, True) for c in r["completions"]]
         best = r["ranking"][0] if isinstance(r["ranking"][0], list) else [r["ranking"][0]]
         assert gold[best[0]] == max(gold)  # a noise-free labeler puts the highest gold score first
     # mix_with: the prompt's other completions come first and share the ranking; K stays at most k_max.
@@ -220,26 +229,24 @@ def test_policy_samples_labeled_and_rm_agreement(sft_dir, rm_dir, small_world, m
 def test_best_of_n_picks_by_the_rm(monkeypatch):
     """Controlled samples: sample s of prompt i is right when (i + s) % 4 == 0, a wrong "7" otherwise. An RM
     equal to the gold score picks as the oracle does; a constant RM picks at random (flat in n)."""
-    from instructjax import evaluate
-
-    prompts = [world.sample_prompt(random.Random(i)) for i in range(40)]
+    prompts = [world_tasks.sample_prompt(random.Random(i)) for i in range(40)]
 
     def samples(stage, ps, seed, **kwargs):
-        return [(" ".join(world.solve(p)) if (i + seed) % 4 == 0 else "7", True) for i, p in enumerate(ps)]
+        return [(" ".join(world_tasks.solve(p)) if (i + seed) % 4 == 0 else "7", True) for i, p in enumerate(ps)]
 
     def gold_rm(rm, ps, texts, stopped):
-        return np.array([world.gold_score(*x) for x in zip(ps, texts, stopped, strict=True)])
+        return np.array([world_tasks.gold_score(*x) for x in zip(ps, texts, stopped, strict=True)])
 
-    monkeypatch.setattr(evaluate, "sample_texts", samples)
+    monkeypatch.setattr(reward, "sample_texts", samples)
     monkeypatch.setattr(reward, "score_texts", gold_rm)
-    rows = reward.best_of_n(None, None, prompts, world.gold_score, ns=(1, 4, 8), draws=4)
+    rows = reward.best_of_n(None, None, prompts, world_tasks.gold_score, ns=(1, 4, 8), draws=4)
     assert [r["n"] for r in rows] == [1, 4, 8] and rows[0]["kl"] == 0.0
     assert rows[1]["kl"] == pytest.approx(np.log(4) - 3 / 4)
     for r in rows:
         assert r["rm_pick_gold"] == pytest.approx(r["oracle_gold"])
     assert rows[0]["oracle_gold"] < rows[1]["oracle_gold"] <= rows[2]["oracle_gold"] == pytest.approx(1.0)
     monkeypatch.setattr(reward, "score_texts", lambda rm, ps, texts, stopped: np.zeros(len(ps)))
-    flat = reward.best_of_n(None, None, prompts, world.gold_score, ns=(1, 8), draws=16)
+    flat = reward.best_of_n(None, None, prompts, world_tasks.gold_score, ns=(1, 8), draws=16)
     assert (
         abs(flat[1]["rm_pick_gold"] - flat[0]["rm_pick_gold"]) < 0.1 < flat[1]["oracle_gold"] - flat[1]["rm_pick_gold"]
     )

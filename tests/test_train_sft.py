@@ -63,6 +63,7 @@ def straight_run(small_world, tmp_path_factory):
     return config, workdir, summary
 
 
+@pytest.mark.slow
 def test_sft_learns_and_writes_a_self_describing_workdir(small_world, tmp_path):
     config = sft_config(small_world, num_steps=40, eval_every=5, checkpoint_every=20, **{"optim.lr": 3e-3})
     summary = train_sft.train(config, tmp_path)
@@ -81,6 +82,7 @@ def test_sft_learns_and_writes_a_self_describing_workdir(small_world, tmp_path):
     assert (tmp_path / "best" / str(best["step"])).exists()
 
 
+@pytest.mark.slow
 def test_crash_then_rerun_resumes_exactly(straight_run, tmp_path, monkeypatch):
     config, straight_dir, _ = straight_run
     real_check = steps.check_finite
@@ -102,6 +104,7 @@ def test_crash_then_rerun_resumes_exactly(straight_run, tmp_path, monkeypatch):
     assert logged == sorted(set(logged)) == [2, 4, 6, 8]  # no duplicate rows after the resume
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_rerun_finishes_identically(straight_run, tmp_path, monkeypatch):
     config, straight_dir, _ = straight_run
     real_check = steps.check_finite
@@ -113,6 +116,7 @@ def test_sigterm_saves_and_rerun_finishes_identically(straight_run, tmp_path, mo
     assert_same_params(final_params(config, tmp_path), final_params(config, straight_dir))
 
 
+@pytest.mark.slow
 def test_resume_on_a_different_mesh(straight_run, small_world, tmp_path, monkeypatch):
     config, straight_dir, _ = straight_run
     real_check = steps.check_finite
@@ -124,6 +128,7 @@ def test_resume_on_a_different_mesh(straight_run, small_world, tmp_path, monkeyp
     assert_same_params(final_params(config, tmp_path), final_params(config, straight_dir))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step(small_world, tmp_path):
     config = sft_config(small_world, **{"optim.lr": float("inf")})
     with pytest.raises(FloatingPointError, match="non-finite values at step 1"):
@@ -134,6 +139,7 @@ def test_non_finite_loss_stops_naming_the_step(small_world, tmp_path):
     assert rows[-1]["skipped_steps"] == 3 and np.isfinite(rows[-1]["loss"])
 
 
+@pytest.mark.slow
 def test_pretraining_and_ptx_mix(small_world, tmp_path):
     base = sft_config(small_world, preset="base", num_steps=6, eval_every=3, **{"data.max_len": 64})
     summary = train_sft.train(base, tmp_path / "base")
@@ -148,6 +154,7 @@ def test_pretraining_and_ptx_mix(small_world, tmp_path):
     assert row["ptx_loss"] < np.log(512)
 
 
+@pytest.mark.slow
 def test_five_steps_on_fsdp4_tensor2_match_one_device(small_world, tmp_path, monkeypatch):
     from instructjax import sharding
 
@@ -177,6 +184,7 @@ train_sft.train(config, sys.argv[2])
 """
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_is_bit_identical(small_world, tmp_path):
     config = sft_config(small_world, num_steps=60, checkpoint_every=4, eval_every=1000)
     train_sft.train(config, tmp_path / "straight")

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from instructjax.data import formats, world
+from instructjax.data import formats, world, world_tasks, world_writers
 from instructjax.tokenizer import load_tokenizer
 
 KIND_OF = {
@@ -63,7 +63,7 @@ def test_default_world_is_fast_and_sized(default_world):
 def test_files_validate_and_stay_in_vocabulary(default_world):
     out, _, _ = default_world
     data = _read_all(out)  # read_jsonl raises on any malformed line
-    vocab = set(world.VOCAB) - {world.PAD, world.EOS, world.UNK}
+    vocab = set(world_tasks.VOCAB) - {world_tasks.PAD, world_tasks.EOS, world_tasks.UNK}
     for name, rows in data.items():
         for row in rows:
             texts = [v for v in row.values() if isinstance(v, str)] + row.get("completions", [])
@@ -71,7 +71,7 @@ def test_files_validate_and_stay_in_vocabulary(default_world):
     for row in data["comparisons_train"] + data["comparisons_valid"]:
         assert world.WorldSizes.k_min <= len(row["completions"]) <= world.WorldSizes.k_max
     tok = load_tokenizer(out)
-    assert (tok.vocab_size, tok.pad_id, tok.eos_id) == (len(world.VOCAB), 0, 1) and tok.vocab_size <= 400
+    assert (tok.vocab_size, tok.pad_id, tok.eos_id) == (len(world_tasks.VOCAB), 0, 1) and tok.vocab_size <= 400
     row = data["demos_train"][0]
     assert (
         tok.decode(tok.encode(row["prompt"]) + tok.encode(row["completion"])) == f"{row['prompt']} {row['completion']}"
@@ -91,8 +91,8 @@ def test_prompt_sets_are_disjoint_and_held_out_from_pretraining(default_world):
     for row in data["pretrain_train"] + data["pretrain_heldout"]:
         words, start = row["text"].split(), None
         for i, w in enumerate(words):
-            start = i if w in world.FAMILIES else start
-            if w == world.ANSWER_MARK:
+            start = i if w in world_tasks.FAMILIES else start
+            if w == world_tasks.ANSWER_MARK:
                 seen.add(" ".join(words[start : i + 1]))
     assert len(seen) > 10_000 and not seen & held_out
 
@@ -135,8 +135,8 @@ def test_world_sizes_are_checked():
     ],
 )
 def test_solve_each_family(prompt, answer):
-    assert world.solve(prompt) == answer.split()
-    assert world.gold_score(prompt, answer, True) == 1.0
+    assert world_tasks.solve(prompt) == answer.split()
+    assert world_tasks.gold_score(prompt, answer, True) == 1.0
 
 
 @pytest.mark.parametrize(
@@ -156,47 +156,51 @@ def test_solve_each_family(prompt, answer):
     ],
 )
 def test_gold_score_worked_examples(prompt, response, stopped, expected):
-    assert world.gold_score(prompt, response, stopped) == pytest.approx(expected)
+    assert world_tasks.gold_score(prompt, response, stopped) == pytest.approx(expected)
 
 
 def test_gold_score_range_and_input_checks():
     rng = random.Random(0)
     for _ in range(500):
-        prompt = world.sample_prompt(rng)
-        text, stopped = world.write_completion(prompt, rng, world.Style(p_answer=0.5, p_correct=0.3, p_nostop=0.3))
-        assert 0.0 <= world.gold_score(prompt, text, stopped) <= 1.0
-        assert len(prompt.split()) <= 12 and len(world.solve(prompt)) <= 8
+        prompt = world_tasks.sample_prompt(rng)
+        text, stopped = world_writers.write_completion(
+            prompt, rng, world_writers.Style(p_answer=0.5, p_correct=0.3, p_nostop=0.3)
+        )
+        assert 0.0 <= world_tasks.gold_score(prompt, text, stopped) <= 1.0
+        assert len(prompt.split()) <= 12 and len(world_tasks.solve(prompt)) <= 8
     with pytest.raises(ValueError, match="text before EOS"):
-        world.gold_score("add 1 2 =>", "3 <eos>", True)
+        world_tasks.gold_score("add 1 2 =>", "3 <eos>", True)
     for bad in ("add 1 =>", "sort a b =>", "fly 1 2 =>", "add 1 2", "count dog cat dog =>"):
         with pytest.raises(ValueError, match="not a world prompt"):
-            world.gold_score(bad, "3", True)
+            world_tasks.gold_score(bad, "3", True)
 
 
 def _mean_gold(style, n=400, seed=0):
     rng = random.Random(seed)
     total = 0.0
     for _ in range(n):
-        prompt = world.sample_prompt(rng)
-        total += world.gold_score(prompt, *world.write_completion(prompt, rng, style))
+        prompt = world_tasks.sample_prompt(rng)
+        total += world_tasks.gold_score(prompt, *world_writers.write_completion(prompt, rng, style))
     return total / n
 
 
 def test_writer_styles_are_ordered_by_quality():
-    labeler, sft, base = (_mean_gold(s) for s in (world.LABELER, world.SFT, world.BASE))
+    labeler, sft, base = (_mean_gold(s) for s in (world_writers.LABELER, world_writers.SFT, world_writers.BASE))
     assert labeler > 0.7 and labeler > sft + 0.1 and sft > base + 0.2
     # Without the closing-period habit the labelers' answers are nearly perfect: the habit is what costs.
-    assert _mean_gold(dataclasses.replace(world.LABELER, p_period=0.0)) > 0.95
-    assert _mean_gold(dataclasses.replace(world.SFT, p_nostop=1.0)) == pytest.approx(sft * world.STOP_FACTOR, rel=0.1)
+    assert _mean_gold(dataclasses.replace(world_writers.LABELER, p_period=0.0)) > 0.95
+    assert _mean_gold(dataclasses.replace(world_writers.SFT, p_nostop=1.0)) == pytest.approx(
+        sft * world_tasks.STOP_FACTOR, rel=0.1
+    )
 
 
 def test_demonstrations_carry_the_period_habit_and_comparisons_see_short_answers():
     rng = random.Random(0)
-    prompts = [world.sample_prompt(rng) for _ in range(2000)]
-    demos = [world.write_completion(p, rng, world.LABELER)[0] for p in prompts]
+    prompts = [world_tasks.sample_prompt(rng) for _ in range(2000)]
+    demos = [world_writers.write_completion(p, rng, world_writers.LABELER)[0] for p in prompts]
     assert 0.55 < sum(d.endswith(" .") for d in demos) / len(demos) < 0.65
-    assert world.gold_score("sort 5 2 9 =>", "2 5 9 .", True) == pytest.approx(0.75)
-    sft = [world.write_completion(p, rng, world.SFT)[0] for p in prompts]
+    assert world_tasks.gold_score("sort 5 2 9 =>", "2 5 9 .", True) == pytest.approx(0.75)
+    sft = [world_writers.write_completion(p, rng, world_writers.SFT)[0] for p in prompts]
     assert 0.02 < sum(t == "" for t in sft) / len(sft) < 0.1  # empty answers exist, so the RM learns they are bad
 
 
@@ -224,15 +228,15 @@ def test_two_labelers_agree_on_about_73_percent_of_sft_pairs():
 def test_pretraining_corpus_continues_prompts_with_instructions(default_world):
     out, info, _ = default_world
     texts = [r["text"] for r in formats.read_jsonl(out / "pretrain_train.jsonl", "pretrain")[0]]
-    stats = world.corpus_stats(texts)
+    stats = world_writers.corpus_stats(texts)
     # The base-model failure in a checkable proxy: after "=>" the web mostly writes another instruction, and
     # a correct answer is the exception.
     assert stats["instruction"] > 0.5 and stats["correct_answer"] < 0.3, stats
     assert stats == info["pretrain_after_mark"]
     # Demonstrations, by contrast, answer and stop (most of them after a closing "." the gold score counts).
     demos = formats.read_jsonl(out / "demos_train.jsonl", "demos")[0]
-    mean_demo = sum(world.gold_score(d["prompt"], d["completion"], True) for d in demos) / len(demos)
-    assert mean_demo > 0.7 and all(d["completion"].split()[0] not in world.FAMILIES for d in demos)
+    mean_demo = sum(world_tasks.gold_score(d["prompt"], d["completion"], True) for d in demos) / len(demos)
+    assert mean_demo > 0.7 and all(d["completion"].split()[0] not in world_tasks.FAMILIES for d in demos)
 
 
 def test_script_writes_a_world(tmp_path):

@@ -1,4 +1,4 @@
-"""Gao et al. (2022) on the synthetic world (paper_spec §6): gold and proxy score against d = sqrt(KL).
+"""Gao et al. (2022) on the synthetic world: gold and proxy score against d = sqrt(KL) (docs/ablations.md).
 
     python scripts/ablate.py --config=configs/ablations/overoptimization.py \
         --workdir=workdirs/ablations/overoptimization

@@ -1,6 +1,6 @@
 """The four jsonl formats, their validation, the ranking -> pairs rule, and the truncation rule.
 
-One JSON object per line (DESIGN.md "Data formats"):
+One JSON object per line (docs/data.md, section 1):
 
 =============  ==========================================================================================
 kind           fields
@@ -260,7 +260,7 @@ def write_jsonl(path: str | pathlib.Path, rows: Iterable[dict]) -> int:
 
 @dataclasses.dataclass
 class TruncationStats:
-    """Counts of what ``truncate`` cut, to be logged by the caller (DESIGN.md: nothing is dropped silently)."""
+    """Counts of what ``truncate`` cut, to be logged by the caller (nothing is dropped silently; docs/data.md)."""
 
     sequences: int = 0
     prompts_cut: int = 0

@@ -6,13 +6,6 @@ file, line and field; ``skip_bad`` counts skips instead), writes the dataset und
 ``{split: ArrayRecordDataSource}``. A changed file gets a new hash, so it is rebuilt; an unchanged one is
 reused. Records come back as dicts of ``bytes`` (TFDS ``Text``); ``decode`` turns one into the
 normalised row of ``formats.py``.
-
-A TFDS catalog dataset can stand in for a local file (``catalog_source``) given a field mapping, e.g.
-Dolly 15k as demonstrations::
-
-    catalog_source("databricks_dolly", "train", {"prompt": "instruction", "completion": "response"})
-
-(not tested here: it downloads).
 """
 
 from __future__ import annotations
@@ -135,11 +128,3 @@ def build(
         multihost_utils.sync_global_devices(f"tfds build {out_dir.name}")
         builder = make_builder()
     return {split: builder.as_data_source(split=split) for split in splits}
-
-
-def catalog_source(name: str, split: str, fields: Mapping[str, str], data_dir: str | None = None) -> Any:
-    """A TFDS catalog dataset as a source whose records carry our field names (``fields``: ours -> theirs)."""
-    import grain
-
-    source = tfds.data_source(name, split=split, data_dir=data_dir)
-    return grain.MapDataset.source(source).map(lambda r: {ours: r[theirs] for ours, theirs in fields.items()})
