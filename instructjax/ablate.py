@@ -289,7 +289,7 @@ def _finished_runs(todo: list[Point], workers: int):
         for point in todo:
             try:
                 yield point, run_point(point)
-            except Exception as error:  # noqa: BLE001 - reported with the point's log, the others go on
+            except Exception as error:  # reported with the point's log; the other points go on
                 yield point, error
         return
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:

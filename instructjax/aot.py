@@ -176,7 +176,7 @@ def _ppo_programs(config, mesh, rules, devices: int, what: str, log) -> list[Pro
     policy_cfg, value_cfg, models = ppo.policy_cfg, ppo.value_cfg, ppo.models
     state = abstract_arrays(ppo.shapes, ppo.state_sh)
     frozen_dtype = jnp.dtype(config.frozen_dtype) if config.frozen_dtype else None
-    cast = lambda x: jax.ShapeDtypeStruct(x.shape, frozen_dtype or x.dtype, sharding=x.sharding)  # noqa: E731
+    cast = lambda x: jax.ShapeDtypeStruct(x.shape, frozen_dtype or x.dtype, sharding=x.sharding)
     frozen = {"ref": jax.tree.map(cast, state.params), "rm": jax.tree.map(cast, state.value_params)}
     replicated = NamedSharding(mesh, P())
     b, p, n = config.batch_size, config.data.max_prompt_len, config.max_new_tokens
@@ -193,7 +193,7 @@ def _ppo_programs(config, mesh, rules, devices: int, what: str, log) -> list[Pro
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated)
     kl = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
     with_rollout = what in ("rollout", "all")
-    trace = lambda: sampling.trace_generate(  # noqa: E731
+    trace = lambda: sampling.trace_generate(
         state.params,
         policy_cfg,
         prompts["prompt"],
@@ -222,7 +222,7 @@ def _ppo_programs(config, mesh, rules, devices: int, what: str, log) -> list[Pro
         )
     else:
         gen = batch_sharded_outputs(trace_in_mesh(trace, mesh, rules), mesh, rules)
-    trace = lambda: score.trace(state.params, state.value_params, frozen, prompts, gen, kl, None)  # noqa: E731
+    trace = lambda: score.trace(state.params, state.value_params, frozen, prompts, gen, kl, None)
     if with_rollout:
         others = size((state.opt_state, state.value_opt_state))
         program, compiled = compile_program(
@@ -315,7 +315,7 @@ def compile_config(config: Any, topo: str | Topology, what: str = "all", log=Non
 
 def run(config: Any, topology_name: str, what: str = "all", label: str = "") -> dict[str, Any]:
     """``scripts/aot_compile.py``: compile, print the table, then one JSON line; returns the JSON data."""
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
     report = compile_config(config, topology_name, what, log=log)
     print(format_table(report, label))
     data = report_dict(report)

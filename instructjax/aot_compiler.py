@@ -283,7 +283,7 @@ def report_dict(report: dict[str, Any]) -> dict[str, Any]:
 def format_table(report: dict[str, Any], label: str = "") -> str:
     """The human-readable per-device table."""
     hbm = report["hbm_bytes_per_device"]
-    gib = lambda x: f"{x / GiB:.2f}"  # noqa: E731
+    gib = lambda x: f"{x / GiB:.2f}"
     head = (
         f"{label + ' ' if label else ''}on {report['topology']} ({report['chips']} chips, {report['devices']} devices, "
         f"mesh {report['mesh']}); per device, GiB; HBM {gib(hbm)} GiB"

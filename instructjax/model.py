@@ -357,6 +357,6 @@ def unembedding(params: Any, cfg: ModelConfig) -> Array:
 
 def count_params(params: Any) -> int:
     """Number of scalars in a (possibly abstract or boxed) params tree."""
-    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
     leaves = jax.tree.leaves(params, is_leaf=is_box)
     return sum(int(np.prod((x.value if is_box(x) else x).shape)) for x in leaves)

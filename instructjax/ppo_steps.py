@@ -38,7 +38,7 @@ class PPOState:
 def make_models(policy_cfg: ModelConfig, value_cfg: ModelConfig, config: Any) -> dict[str, Transformer]:
     """The four models keyed policy, ref, value, rm (the configs come with dropout off); the frozen reference
     and RM compute in ``config.frozen_dtype`` when it is set."""
-    frozen = lambda cfg: Transformer(dataclasses.replace(cfg, dtype=config.frozen_dtype or cfg.dtype))  # noqa: E731
+    frozen = lambda cfg: Transformer(dataclasses.replace(cfg, dtype=config.frozen_dtype or cfg.dtype))
     return {
         "policy": Transformer(policy_cfg),
         "ref": frozen(policy_cfg),

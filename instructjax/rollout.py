@@ -48,52 +48,76 @@ class Rollout:
 def kl_shaped_rewards(
     logprobs_bn: jax.Array, ref_logprobs_bn: jax.Array, scores_b: jax.Array, mask_bn: jax.Array, beta: jax.Array
 ) -> jax.Array:
-    """Per-token rewards (paper_spec §3.2; [LHP] ``compute_rewards``):
+    """Per-token rewards: Eq. 2 of Ouyang et al. 2022 (§3.5) with its KL penalty "at each token" and the RM
+    score at the last one, as in Ziegler et al. 2019's code (``compute_rewards``):
 
         r_t = -β·(log π(y_t) - log π_ref(y_t)) + 1[t = T]·score
 
     for t up to the last response token T (the EOS, or the last token of a cut response); 0 after it.
+
+    Shapes, checked at trace time (free under ``jit``): log-probs, reference log-probs and mask exactly [B,N],
+    scores [B], β a scalar. Log-probs where the mask is 0 are selected out, so a NaN or inf there gives 0.
+
+    The mask must be a prefix mask, each row 1s then 0s (``sampling.generate``'s: 1 up to and including the
+    EOS): T is taken as Σ_t m[b,t] - 1, not searched for, so with a hole in a row's mask the score lands before
+    its last 1. This is assumed, not checked: checking the mask's values under ``jit`` would need ``checkify``
+    (or a host callback) around every caller.
     """
+    losses.check_shapes(
+        "kl_shaped_rewards",
+        logprobs_bn=(logprobs_bn, "BN"),
+        ref_logprobs_bn=(ref_logprobs_bn, "BN"),
+        scores_b=(scores_b, "B"),
+        mask_bn=(mask_bn, "BN"),
+        beta=(beta, ""),
+    )
     mask = mask_bn.astype(jnp.float32)
     last = jnp.maximum(mask.sum(axis=1).astype(jnp.int32) - 1, 0)
     at_last = jax.nn.one_hot(last, mask.shape[1], dtype=jnp.float32) * (mask.sum(axis=1, keepdims=True) > 0)
-    return -beta * (logprobs_bn - ref_logprobs_bn) * mask + at_last * scores_b[:, None]
+    kl = jnp.where(mask != 0, -beta * (logprobs_bn - ref_logprobs_bn) * mask, 0.0)
+    return kl + jnp.where(at_last != 0, at_last * scores_b[:, None], 0.0)
 
 
 def gae(
     rewards_bn: jax.Array, values_bn: jax.Array, mask_bn: jax.Array, gamma: float = 1.0, lam: float = 0.95
 ) -> tuple[jax.Array, jax.Array]:
-    """Generalised advantage estimation as a reverse ``lax.scan`` over tokens (paper_spec §3.3):
+    """Generalised advantage estimation (as in Ziegler et al. 2019's and Huang et al. 2024's code) as a
+    reverse ``lax.scan`` over tokens:
 
         δ_t = r_t + γ·V_{t+1} - V_t,    A_t = δ_t + γλ·A_{t+1},    R_t = A_t + V_t
 
-    with V_{T+1} = A_{T+1} = 0 past the last response token; A and R are 0 where the mask is 0.
-    Returns ``(advantages, returns)``, both [B,N].
+    with V_{T+1} = A_{T+1} = 0 past the last response token (γ = 1: Ouyang et al. 2022 use no discount);
+    A and R are 0 where the mask is 0, and a NaN or inf there in the rewards or values is selected out.
+    Rewards, values and mask must all be exactly [B,N] (checked at trace time). Returns ``(advantages,
+    returns)``, both [B,N].
     """
+    losses.check_shapes("gae", rewards_bn=(rewards_bn, "BN"), values_bn=(values_bn, "BN"), mask_bn=(mask_bn, "BN"))
     mask = mask_bn.astype(jnp.float32)
-    values = values_bn * mask
+    values = jnp.where(mask != 0, values_bn * mask, 0.0)
     next_values = jnp.pad(values[:, 1:], ((0, 0), (0, 1)))
 
     def step(next_adv, xs):
         r, v, v_next, m = xs
-        adv = (r + gamma * v_next - v + gamma * lam * next_adv) * m
+        adv = jnp.where(m != 0, (r + gamma * v_next - v + gamma * lam * next_adv) * m, 0.0)
         return adv, adv
 
     xs = (rewards_bn.T, values.T, next_values.T, mask.T)  # scan over the token axis, last token first
     _, adv_nb = jax.lax.scan(step, jnp.zeros(rewards_bn.shape[0], jnp.float32), xs, reverse=True)
     advantages = adv_nb.T
-    return advantages, (advantages + values) * mask
+    return advantages, jnp.where(mask != 0, (advantages + values) * mask, 0.0)
 
 
 def whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True) -> jax.Array:
-    """``(x - mean) / sqrt(var + 1e-8)`` over the masked entries ([LHP] ``whiten``); with
-    ``shift_mean=False`` the mean is added back (reward whitening keeps the reward's sign)."""
+    """``(x - mean) / sqrt(var + 1e-8)`` over the masked entries (Ziegler et al. 2019's code, ``whiten``),
+    0 where the mask is 0 (a NaN or inf there is selected out); with ``shift_mean=False`` the mean is added
+    back (reward whitening keeps the reward's sign). ``x`` and ``mask`` exactly [B,N]."""
+    losses.check_shapes("whiten", x=(x, "BN"), mask=(mask, "BN"))
     mean = losses.masked_mean(x, mask)
     var = losses.masked_mean(jnp.square(x - mean), mask)
     out = (x - mean) * jax.lax.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
-    return out * mask
+    return jnp.where(mask != 0, out * mask, 0.0)
 
 
 def score(
@@ -120,10 +144,10 @@ def score(
     # recomputes them bit for bit (another batch size may round differently), and the policy's equal the
     # reference's while their params are equal.
     b = tokens.shape[0]
-    chunks = lambda x: x.reshape(b // minibatch_size, minibatch_size, *x.shape[1:])  # noqa: E731
+    chunks = lambda x: x.reshape(b // minibatch_size, minibatch_size, *x.shape[1:])
 
     def logprobs_of(name):
-        fn = lambda tm: scoring.response_logprobs(models[name], params[name], *tm, p, temperature)  # noqa: E731
+        fn = lambda tm: scoring.response_logprobs(models[name], params[name], *tm, p, temperature)
         logp, entropy = jax.lax.map(fn, (chunks(tokens), chunks(mask)))
         return logp.reshape(b, -1), entropy.reshape(b, -1)
 

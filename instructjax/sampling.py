@@ -215,7 +215,7 @@ def _decode_loop(
         token, logprob = sample_token(s["last_logits"], key, temperature, top_k, top_p, vocab)
         live = ~s["done"]
         token = jnp.where(live, token, pad_id)
-        update = lambda buf, col: jax.lax.dynamic_update_slice(buf, col[:, None], (0, s["t"]))  # noqa: E731
+        update = lambda buf, col: jax.lax.dynamic_update_slice(buf, col[:, None], (0, s["t"]))
         out = dict(
             t=s["t"] + 1,
             rng=rng,
@@ -357,7 +357,7 @@ def trace_generate(
     ready to ``.lower().compile()`` ahead of time (``aot.py``). Temperature, top-p and the EOS/PAD ids are traced
     scalars in ``generate``, so they are abstract here too, with ``scalar_sharding`` (replicated on the mesh)."""
     fn = _generate_cached if use_cache else _generate_recompute
-    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=scalar_sharding)  # noqa: E731
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=scalar_sharding)
     scalars = [scalar(jnp.float32), scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.int32)]
     return fn.trace(
         params, prompt_bt, prompt_mask_bt, rng, *scalars, cfg=cfg, max_new_tokens=max_new_tokens, top_k=top_k

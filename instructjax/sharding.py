@@ -146,7 +146,7 @@ def logical_to_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules: Ru
         return NamedSharding(mesh, spec)
 
     # exactly tuple: optax states are NamedTuples (EmptyState() is an empty one) and must be traversed
-    is_names = lambda x: type(x) is tuple and all(n is None or isinstance(n, str) for n in x)  # noqa: E731
+    is_names = lambda x: type(x) is tuple and all(n is None or isinstance(n, str) for n in x)
     return jax.tree_util.tree_map_with_path(one, axes_tree, shapes_tree, is_leaf=is_names)
 
 

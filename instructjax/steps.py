@@ -86,7 +86,7 @@ def make_train_step(
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
         if nan_policy == "skip":  # keep the old state where the update is not finite
-            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            keep = lambda new, old: jnp.where(finite, new, old)
             params = jax.tree.map(keep, params, state.params)
             opt_state = jax.tree.map(keep, opt_state, state.opt_state)
         new_state = state.replace(

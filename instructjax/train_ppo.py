@@ -210,8 +210,8 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     # PPO-init SFT, the value model and the RM from the RM (both the selected, "best", params). The frozen
     # copies are separate arrays because the trained ones are donated every update.
     shapes, state_sh = ppo.shapes, ppo.state_sh
-    load_policy = lambda: checkpoint.load_params(config.policy_from, shapes.params, state_sh.params, best=True)  # noqa: E731
-    load_rm = lambda: checkpoint.load_params(config.rm_from, shapes.value_params, state_sh.value_params, best=True)  # noqa: E731
+    load_policy = lambda: checkpoint.load_params(config.policy_from, shapes.params, state_sh.params, best=True)
+    load_rm = lambda: checkpoint.load_params(config.rm_from, shapes.value_params, state_sh.value_params, best=True)
     with sharding.use(mesh, rules):
         new_state = jax.jit(lambda p, v: ppo.new_state(p, v, ppo.rng_data), out_shardings=state_sh)
         state = new_state(load_policy(), load_rm())

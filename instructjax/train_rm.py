@@ -78,7 +78,7 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     loss_fn = make_loss_fn(model)
     train_step = steps.make_train_step(loss_fn, tx, state_sh, config.nan_policy)
     eval_step = steps.make_eval_step(loss_fn, state_sh.params)
-    evaluate = lambda params: validation_metrics(eval_step, params, data.eval_batches, mesh, rules)  # noqa: E731
+    evaluate = lambda params: validation_metrics(eval_step, params, data.eval_batches, mesh, rules)
 
     # ----------------------------------------------------------------- Train loop (instructjax/loop.py)
     settings = loop.settings(

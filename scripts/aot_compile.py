@@ -12,10 +12,10 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # nothing runs here: the TPU is only a compilation target
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
-from instructjax import aot  # noqa: E402
+from instructjax import aot
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tpu.py:sft_1p3b", "stage config", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "", "TPU slice, e.g. v5e:4x4 or v5p:2x2x1 ('' = the preset's tpu_slice)")

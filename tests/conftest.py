@@ -5,9 +5,9 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pathlib  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
+import pathlib
+import shutil
+import tempfile
 
 # One persistent XLA compilation cache for the test run: the xdist workers, the children of the kill,
 # resume and multi-host tests, and the notebook's kernel compile many of the same programs (the same

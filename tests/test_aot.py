@@ -126,7 +126,7 @@ def test_train_state_with_gradient_accumulation_is_created_sharded_and_steps():
     mesh, rules = sharding.make_mesh((1, 4, 2)), sharding.as_rules(config.rules)
     model = Transformer(ModelConfig.from_dict(config.model))
     tx = optim.make_optimizer(config.optim, 10)
-    init = lambda r: model.init(r, np.zeros((1, 8), np.int32))["params"]  # noqa: E731
+    init = lambda r: model.init(r, np.zeros((1, 8), np.int32))["params"]
     state, state_sh = steps.create_train_state(init, tx, mesh, rules, seed=0)
     step = steps.make_train_step(
         train_sft.make_loss_fn(model, ModelConfig.from_dict(config.model), config), tx, state_sh

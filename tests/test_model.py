@@ -174,7 +174,7 @@ def test_scalar_head_and_dropout():
     assert values.shape == tokens.shape and values.dtype == jnp.float32
     again = model.apply({"params": params}, tokens, mask)
     np.testing.assert_array_equal(values, again)  # deterministic by default: dropout off
-    drop = lambda seed: model.apply(  # noqa: E731
+    drop = lambda seed: model.apply(
         {"params": params}, tokens, mask, deterministic=False, rngs={"dropout": jax.random.key(seed)}
     )
     assert not np.allclose(drop(0), values)

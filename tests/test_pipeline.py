@@ -160,7 +160,7 @@ def test_shuffle_is_seeded_and_process_shards_are_disjoint(world_dir, fmt):
 
     np.testing.assert_array_equal(first_tokens(1), first_tokens(1))
     assert not np.array_equal(first_tokens(1), first_tokens(2))
-    epoch = lambda shard: {  # noqa: E731
+    epoch = lambda shard: {
         tuple(t) for b in pipeline.sft_batches(src, fmt, 10, 0, num_epochs=1, shard=shard) for t in b["tokens"]
     }
     a, b = epoch((0, 2)), epoch((1, 2))

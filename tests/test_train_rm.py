@@ -197,7 +197,7 @@ def test_policy_samples_labeled_and_rm_agreement(sft_dir, rm_dir, small_world, m
     from instructjax import evaluate
 
     def fake_samples(stage, prompts, **kwargs):
-        options = lambda p: [(" ".join(world_tasks.solve(p)), True), ("7", True), ("7 7", False)]  # noqa: E731
+        options = lambda p: [(" ".join(world_tasks.solve(p)), True), ("7", True), ("7 7", False)]
         return [options(p)[i % 3] for i, p in enumerate(prompts)]
 
     monkeypatch.setattr(evaluate, "sample_texts", fake_samples)

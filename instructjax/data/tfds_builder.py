@@ -48,7 +48,7 @@ def _encode(row: dict, kind: str) -> dict:
 
 def decode(record: Mapping[str, Any], kind: str) -> dict:
     """A stored record (bytes fields) back to the normalised row of ``formats.py``."""
-    text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)  # noqa: E731
+    text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
     if kind == "comparisons":
         return {
             "prompt": text(record["prompt"]),

@@ -247,7 +247,7 @@ class _Checkpoint:
         if path not in self._handles:
             try:
                 self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="numpy"))
-            except Exception as e:  # noqa: BLE001 (safetensors raises its own error type)
+            except Exception as e:
                 raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
         return self._handles[path]
 
@@ -261,7 +261,7 @@ class _Checkpoint:
             raise KeyError(f"{self.index}: tensor {name!r} is missing")
         try:
             sl = self._handle(self.weight_map[name]).get_slice(name)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise KeyError(f"{self.weight_map[name]}: tensor {name!r} is listed but cannot be read ({e})") from e
         return tuple(sl.get_shape()), sl.get_dtype()
 
