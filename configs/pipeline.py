@@ -18,6 +18,8 @@ sft = sibling(__file__, "sft")
 rm = sibling(__file__, "rm")
 ppo = sibling(__file__, "ppo")
 
+PRESETS = ("default", "quick")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     preset = arg or "default"
@@ -96,5 +98,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval.kl_prompts = 40
         c.eval.batch_size = 40
     elif preset != "default":
-        raise ValueError(f"unknown pipeline preset {preset!r}: default, quick")
+        raise ValueError(f"unknown pipeline preset {preset!r}: {', '.join(PRESETS)}")
     return c

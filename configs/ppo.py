@@ -18,6 +18,8 @@ from instructjax.configlib import sibling
 
 model_presets = sibling(__file__, "model")
 
+PRESETS = ("tiny", "tiny_ptx", "paper_1p3b", "paper_6b")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     preset = arg or "tiny"
@@ -123,5 +125,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval_every = 50
         c.checkpoint_every = 10
     else:
-        raise ValueError(f"unknown ppo preset {preset!r}: tiny, tiny_ptx, paper_1p3b, paper_6b")
+        raise ValueError(f"unknown ppo preset {preset!r}: {', '.join(PRESETS)}")
     return c

@@ -16,6 +16,8 @@ from instructjax.configlib import sibling
 
 model_presets = sibling(__file__, "model")
 
+PRESETS = ("tiny", "tiny_pairs", "paper_6b")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     preset = arg or "tiny"
@@ -80,5 +82,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval_every = 100
         c.checkpoint_every = 100
     else:
-        raise ValueError(f"unknown rm preset {preset!r}: tiny, tiny_pairs, paper_6b")
+        raise ValueError(f"unknown rm preset {preset!r}: {', '.join(PRESETS)}")
     return c

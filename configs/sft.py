@@ -17,6 +17,8 @@ from instructjax.configlib import sibling
 
 model_presets = sibling(__file__, "model")
 
+PRESETS = ("tiny", "base", "ppo_init", "paper_1p3b", "paper_6b")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     preset = arg or "tiny"
@@ -93,5 +95,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval_every = 500
         c.checkpoint_every = 500
     else:
-        raise ValueError(f"unknown sft preset {preset!r}: tiny, base, ppo_init, paper_1p3b, paper_6b")
+        raise ValueError(f"unknown sft preset {preset!r}: {', '.join(PRESETS)}")
     return c

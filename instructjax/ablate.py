@@ -36,10 +36,10 @@ from typing import Any
 
 import ml_collections
 
-from instructjax import evaluate, metrics, reward, stages, train_ppo, train_rm
+from instructjax import evaluate, loop, metrics, reward, stages, train_ppo, train_rm
 from instructjax.ablate_report import plot, summarize, table
 from instructjax.data import world_tasks
-from instructjax.stage import load_stage
+from instructjax.stage import finished_summary, load_stage
 
 UPSTREAM = ("base", "sft", "rm", "ppo_init")
 STEPS = ("rm", "best_of_n", "ppo")  # what a point can train or measure, in this order
@@ -171,8 +171,10 @@ def _parts(result: dict) -> list[dict]:
 
 def _train_rm(point: Point) -> dict[str, Any]:
     rm_dir = point.workdir / "rm"
-    finished = stages.finished_summary(rm_dir)
+    finished = finished_summary(rm_dir)
     summary = finished or train_rm.train(point.rm, rm_dir)
+    if summary["status"] != "done":
+        raise loop.Preempted(f"{rm_dir} was preempted at step {summary['step']}")
     rows = [r for r in metrics.read_metrics(rm_dir) if "val_loss" in r]
     keys = ("val_accuracy", "val_loss", "val_gold_accuracy")
     return {
@@ -195,9 +197,9 @@ def _best_of_n(point: Point) -> list[dict[str, float]]:
 
 def _train_ppo(point: Point) -> dict[str, Any]:
     ppo_dir = point.workdir / "ppo"
-    finished = stages.finished_summary(ppo_dir)
-    if finished is None:
-        train_ppo.train(point.ppo, ppo_dir)
+    finished = finished_summary(ppo_dir)
+    if finished is None and train_ppo.train(point.ppo, ppo_dir)["status"] != "done":
+        raise loop.Preempted(f"{ppo_dir} was preempted")
     out = evaluate_policy(ppo_dir, point.upstream, reward.load_reward_model(point.ppo.rm_from), point.eval)
     out["reused_seconds"] = finished["wall_seconds"] if finished else 0.0
     keys = ("kl", "gold_score", "rm_score")  # the rollouts': KL to ppo_init, gold and proxy score (temperature 1)
@@ -217,6 +219,7 @@ def evaluate_policy(policy_dir: pathlib.Path, upstream: pathlib.Path, rm: Any, e
     sizes = (eval_config.kl_prompts, eval_config.max_new_tokens, eval_config.batch_size)
     result = evaluate.measure_policy(stage, reference, rm, prompts, heldout, *sizes)
     result["kl_to_init"] = result.pop("kl_to_reference")
+    result["kl_to_init_se"] = result.pop("kl_to_reference_se")
     result["gold_per_prompt"] = [r["gold"] for r in result.pop("samples")]
     return result
 

@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from instructjax import metrics, optim, ppo_steps, sampling, sharding, stage, steps, train_ppo, train_rm, train_sft
+from instructjax import metrics, optim, ppo_setup, ppo_steps, sampling, sharding, stage, steps, train_rm, train_sft
 from instructjax.aot_compiler import (
     Program,
     Topology,
@@ -154,8 +154,8 @@ def _rm_programs(config, mesh, rules, devices: int, what: str, log) -> list[Prog
     return _step_programs(config, cfg, loss_fn, train, evaluation, flops, mesh, rules, what, log)
 
 
-def ppo_plan(config: Any, mesh: Any, rules: Any) -> train_ppo.Plan:
-    """``train_ppo.plan`` for the models ``config.aot`` names (``policy_model``, ``value_model``: what the
+def ppo_plan(config: Any, mesh: Any, rules: Any) -> ppo_setup.Plan:
+    """``ppo_setup.plan`` for the models ``config.aot`` names (``policy_model``, ``value_model``: what the
     ``policy_from``/``rm_from`` workdirs will hold; the TPU presets set them), else those workdirs' models:
     the same checks, counts, optimizer schedules and state shardings as training."""
     if "aot" in config and "policy_model" in config.aot:
@@ -167,8 +167,8 @@ def ppo_plan(config: Any, mesh: Any, rules: Any) -> train_ppo.Plan:
             "a PPO config names its models through its source workdirs: set config.policy_from and config.rm_from, "
             "or config.aot.policy_model and config.aot.value_model (configs/tpu.py does)"
         )
-    policy_cfg, value_cfg = train_ppo.model_configs(policy, value)
-    return train_ppo.plan(config, policy_cfg, value_cfg, mesh, rules)
+    policy_cfg, value_cfg = ppo_setup.model_configs(policy, value, ("the policy model", "the value model"))
+    return ppo_setup.plan(config, policy_cfg, value_cfg, mesh, rules)
 
 
 def _ppo_programs(config, mesh, rules, devices: int, what: str, log) -> list[Program]:
@@ -187,9 +187,8 @@ def _ppo_programs(config, mesh, rules, devices: int, what: str, log) -> list[Pro
     size = bytes_per_device
     programs: list[Program] = []
 
-    # Rollout: generate, then score; the update takes the rollout they produce (shapes and shardings).
-    if policy_cfg.positions == "learned" and p + n > policy_cfg.max_len:
-        raise ValueError(f"max_prompt_len {p} + max_new_tokens {n} exceeds the policy's max_len {policy_cfg.max_len}")
+    # Rollout: generate, then score; the update takes the rollout they produce (shapes and shardings). Their
+    # lengths against the models' positions were checked by the plan.
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated)
     kl = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
     with_rollout = what in ("rollout", "all")

@@ -51,10 +51,16 @@ def gold_eval(stage: Stage, prompts: Sequence[str], gold: bool = True, **sample_
     }
 
 
-def pretrain_nll(stage: Stage, text_file: str | pathlib.Path, seq_len: int = 128, batches: int = 8) -> float:
-    """Mean next-token NLL on held-out pretraining text: the alignment-tax probe (lower is better)."""
-    # the stage's TFDS cache, else one beside the text (an imported model's workdir names no data)
-    cache = stage.config.data.get("cache_dir") or pathlib.Path(text_file).parent / "tfds"
+def pretrain_nll(
+    stage: Stage,
+    text_file: str | pathlib.Path,
+    seq_len: int = 128,
+    batches: int = 8,
+    cache_dir: str | pathlib.Path | None = None,
+) -> float:
+    """Mean next-token NLL on held-out pretraining text: the alignment-tax probe (lower is better). The text's
+    TFDS cache goes to ``cache_dir``, else the stage's, else beside the text (an imported model names none)."""
+    cache = cache_dir or stage.config.data.get("cache_dir") or pathlib.Path(text_file).parent / "tfds"
     seq_len = min(seq_len, stage.model_cfg.max_len)  # rows longer than the model's context would read junk
     source = tfds_builder.build("pretrain", {"heldout": text_file}, cache)["heldout"]
     divisor = sharding.batch_divisor(stage.mesh, stage.rules)
@@ -163,15 +169,30 @@ def kl_to_reference(
     batch_size: int = 64,
     seed: int = 0,
 ) -> float:
-    """KL(π ‖ π_ref) per response, estimated on π's own samples at temperature 1:
+    """KL(π ‖ π_ref) per response on π's own samples: the mean of ``kl_estimate``."""
+    return kl_estimate(stage, reference, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)[0]
+
+
+def kl_estimate(
+    stage: Stage,
+    reference: Stage,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 16,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """KL(π ‖ π_ref) per response, estimated on π's own samples at temperature 1, and its standard error:
 
         KL ≈ mean over prompts x, y ~ π(·|x) of Σ_t [log π(y_t | x, y_<t) - log π_ref(y_t | x, y_<t)]
 
-    (the quantity PPO's β penalises). Both log-probs come from one full forward each; the two stages
-    must share a tokenizer and a mesh.
+    (the quantity PPO's β penalises), with the standard error std / √(prompts) over the per-prompt sums: one
+    sample per prompt makes the estimate noisy, and the error says how many of its decimals mean something
+    (another ``seed`` or ``batch_size`` draws other samples). Both log-probs come from one full forward each;
+    the two stages must share a tokenizer and a mesh.
     """
     tok = stage.tokenizer
-    total, rng = 0.0, jax.random.key(seed)
+    total, rows, rng = 0.0, [], jax.random.key(seed)
     with sharding.use(stage.mesh, stage.rules):
         for start, n, prompt, prompt_mask in prompt_batches(stage, prompts, batch_size):
             gen = sampling.generate(
@@ -195,8 +216,12 @@ def kl_to_reference(
                 cfg=stage.model_cfg,
                 ref_cfg=reference.model_cfg,
             )
-            total += float(sharding.to_host(per_row)[:n].sum())
-    return total / max(len(prompts), 1)
+            host = sharding.to_host(per_row)[:n]
+            rows.append(np.asarray(host, np.float64))
+            total += float(host.sum())
+    kl = np.concatenate(rows) if rows else np.zeros((0,))
+    stderr = float(kl.std(ddof=1) / np.sqrt(len(kl))) if len(kl) > 1 else 0.0
+    return total / max(len(prompts), 1), stderr
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "ref_cfg"))
@@ -219,6 +244,7 @@ def measure_policy(
     max_new_tokens: int = 16,
     batch_size: int = 64,
     gold: bool = True,
+    cache_dir: str | pathlib.Path | None = None,
 ) -> dict[str, Any]:
     """One policy on ``prompts``, greedy: ``gold_eval``'s entries (``samples`` with each response's RM score
     as ``rm``), ``rm_score`` (the mean under ``rm``, a ``reward.RewardModel``), ``kl_to_reference`` (on the
@@ -230,10 +256,10 @@ def measure_policy(
     for row, score in zip(samples, scores, strict=True):
         row["rm"] = float(score)
     result["rm_score"] = float(scores.mean())
-    result["kl_to_reference"] = kl_to_reference(
+    result["kl_to_reference"], result["kl_to_reference_se"] = kl_estimate(
         stage, reference, prompts[:kl_prompts], max_new_tokens=max_new_tokens, batch_size=batch_size
     )
-    result["pretrain_nll"] = pretrain_nll(stage, pretrain_file)
+    result["pretrain_nll"] = pretrain_nll(stage, pretrain_file, cache_dir=cache_dir)
     return result
 
 
@@ -249,6 +275,7 @@ def compare_models(
     batch_size: int = 64,
     gold: bool = True,
     best: Sequence[str] = (),
+    cache_dir: str | pathlib.Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The paper's comparison of policies (any stage workdirs, imported ones included), each against
     ``baseline`` (one of ``workdirs``' names), on ``prompts`` with greedy decoding:
@@ -259,7 +286,7 @@ def compare_models(
     ``pretrain_nll`` on ``pretrain_file``, and ``samples`` (per prompt: response, stop, gold, RM score).
     ``gold=False`` for prompts outside the synthetic world: everything but the gold-score entries.
     The models named in ``best`` are evaluated at their selected checkpoint (``workdir/best``), the others
-    at their latest.
+    at their latest. ``cache_dir``: where the held-out text's TFDS cache goes (``pretrain_nll``).
     """
     if baseline not in workdirs:
         raise ValueError(f"baseline {baseline!r} is not one of the models {sorted(workdirs)}")
@@ -270,9 +297,10 @@ def compare_models(
         progress.set_postfix_str(name)
         stage = reference if name == baseline else load_stage(workdir, best=name in best)
         result = measure_policy(
-            stage, reference, rm, prompts, pretrain_file, kl_prompts, max_new_tokens, batch_size, gold
+            stage, reference, rm, prompts, pretrain_file, kl_prompts, max_new_tokens, batch_size, gold, cache_dir
         )
         result[f"kl_to_{baseline}"] = result.pop("kl_to_reference")
+        result[f"kl_to_{baseline}_se"] = result.pop("kl_to_reference_se")
         models[name] = result
     base_samples = models[baseline]["samples"]
     for result in models.values():

@@ -3,8 +3,8 @@
 A stage's ``train()`` builds its data, state and jitted step, then hands them to ``run``, which owns
 everything that must be the same for every stage:
 
-- **Resume.** The latest checkpoint in ``workdir/checkpoints`` is restored (state, data iterators, the
-  loop's own ``meta``), so rerunning a command continues it exactly.
+- **Resume.** The newest checkpoint in ``workdir/checkpoints`` that restores (a damaged one is skipped, and
+  named) is restored: state, data iterators, the loop's own ``meta``; rerunning a command continues it exactly.
 - **Steps.** ``step_fn(state) -> (state, out)`` is called ``micro_steps`` times per counted step (gradient
   accumulation); ``out`` holds scalars. ``out["real_tokens"]`` / ``out["computed_tokens"]`` (if present)
   give the throughput and MFU columns.
@@ -29,6 +29,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from instructjax import checkpoint, metrics, steps
+
+# A stage stopped by SIGTERM has saved its checkpoint; the scripts exit with this status (EX_TEMPFAIL, "try
+# again") so a scheduler or wrapper can tell it from a finished run (0) and from a failure (1): rerun the same
+# command to resume.
+EXIT_PREEMPTED = 75
+
+
+class Preempted(Exception):
+    """A stage of a multi-stage job (the pipeline, an ablation's upstream) stopped by SIGTERM after saving: the
+    job stops there, and rerunning its command resumes that stage."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +124,8 @@ def run(
     if restored is not None:
         state, meta = restored
     start_step = int(state.step) // micro_steps
+    if restored is not None and jax.process_index() == 0:
+        print(f"[{s.name}] resuming from step {start_step} of {total_steps} ({workdir / 'checkpoints'})", flush=True)
 
     # ----------------------------------------------------------------- Loop
     writer = metrics.MetricsWriter(workdir, total_steps, resume_step=start_step, desc=s.name)
@@ -144,6 +156,7 @@ def run(
                     if not compiled:  # the first step's time is compilation, kept out of throughput
                         compiled = True
                         writer.write(step, {"event": "compiled", "compile_seconds": time.perf_counter() - t0})
+                        writer.restart_clock(step)  # the ETA counts steps after compilation
                         timer = time.perf_counter()
                     else:
                         real_since += float(out.get("real_tokens", 0.0))
@@ -180,8 +193,10 @@ def run(
             if status == "preempted":
                 ckpt.save(state, iters, meta)
     finally:
-        ckpt.close()
-        writer.close()
+        try:
+            ckpt.close()  # waits for the last write; checkpoint.CheckpointError if a write failed
+        finally:
+            writer.close()
     meta["wall_seconds"] += time.perf_counter() - wall_start
     return Result(state=state, status=status, meta=meta, resumed=restored is not None)
 

@@ -114,6 +114,14 @@ class MetricsWriter:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
+    def restart_clock(self, step: int) -> None:
+        """Restart the bar's rate and ETA at ``step``: called once the first step (compilation) is done, so the
+        estimate measures training, not compilation (which made the first ETA many times too long)."""
+        if self.enabled:
+            self._bar.reset()  # clock and smoothed rate from now
+            self._bar.initial = self._bar.n = self._bar.last_print_n = step
+            self._bar.refresh()
+
     def text(self, tag: str, text: str, step: int) -> None:
         if self.enabled:
             self._tb.add_text(tag, text, step)

@@ -5,14 +5,23 @@ A stage workdir (``train_sft``, ``train_rm``, ``train_ppo``, or an imported Hugg
 - ``config.json``: the stage's whole config; its ``model`` and ``data`` sections are what ``load_stage`` needs
   to rebuild the model and find the tokenizer (a PPO workdir copies them from its policy's stage);
 - ``checkpoints/<step>/`` and ``best/`` (``checkpoint.py``), ``metrics.jsonl`` and ``tb/`` (``metrics.py``);
-- ``summary.json``: written at the end; ``status`` is ``done`` once the stage finished (the pipeline skips it).
+- ``summary.json``: written at the end; ``status`` is ``done`` once the stage finished (the pipeline skips it);
+- ``.lock``: present while a run has the workdir open (``workdir_lock.py``: one run per workdir).
+
+Workdirs travel. The paths a stage depends on (``PATH_KEYS``: its data directory, tokenizer, TFDS cache and
+the stages it starts from) are written into ``config.json`` relative to the workdir when they lie in the same
+job directory (the workdir's parent: the pipeline's sibling stages and world), else absolute; the workdir's
+own absolute path is written too (``written_in``). ``read_config`` resolves them against wherever the workdir
+is now, so a finished job moved to another directory, or used from another working directory, still loads;
+a path that resolves nowhere falls back to where it was when the stage ran.
 
 A stage's data settings name a data directory (``data.world_dir``: the synthetic world or your jsonl files),
 a tokenizer (``data.tokenizer``; default ``<world_dir>/tokenizer.json``) and a TFDS cache (``data.cache_dir``;
 default ``<world_dir>/tfds``). The data is the synthetic world when ``world.json`` is beside it: only then is
 there a gold score.
 
-``open_stage`` and ``close_stage`` are the first and last section of every stage's ``train()``;
+``open_stage`` and ``close_stage`` are the first and last section of every stage's ``train()``, inside
+``with workdir_lock.hold(workdir):`` (a second launch on a workdir a live run holds is refused);
 ``load_stage`` and ``sample_texts`` are how evaluation, the scripts and later stages read a finished one.
 """
 
@@ -20,12 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from instructjax import checkpoint, sampling, sharding
 from instructjax.model import ModelConfig, Transformer
@@ -36,6 +47,8 @@ SUMMARY_FILE = "summary.json"
 TOKENIZER_FILE = "tokenizer.json"  # the default tokenizer, inside the data directory
 TFDS_DIR = "tfds"  # the default TFDS cache, inside the data directory
 WORLD_FILE = "world.json"  # present only in the synthetic world's directory
+# The config entries that are paths, as dotted keys; config.json stores them portably (module docstring).
+PATH_KEYS = ("data.world_dir", "data.tokenizer", "data.cache_dir", "init_from", "policy_from", "rm_from")
 
 
 # ----------------------------------------------------------------------------------------------- data paths
@@ -66,8 +79,8 @@ def data_paths(data: Any, need_data: bool = True) -> DataPaths:
     if not data.get("world_dir") and (need_data or not data.get("tokenizer")):
         raise ValueError("config.data.world_dir is not set (scripts/make_synthetic_data.py writes a world)")
     world = pathlib.Path(data.get("world_dir") or "")
-    tokenizer = pathlib.Path(data.tokenizer) if data.get("tokenizer") else world / TOKENIZER_FILE
-    cache = pathlib.Path(data.cache_dir) if data.get("cache_dir") else world / TFDS_DIR
+    tokenizer = pathlib.Path(data["tokenizer"]) if data.get("tokenizer") else world / TOKENIZER_FILE
+    cache = pathlib.Path(data["cache_dir"]) if data.get("cache_dir") else world / TFDS_DIR
     return DataPaths(world, tokenizer, cache)
 
 
@@ -75,11 +88,58 @@ def data_paths(data: Any, need_data: bool = True) -> DataPaths:
 
 
 def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """The ``config.json`` a stage wrote into its workdir (an error naming the file if there is none)."""
-    path = pathlib.Path(workdir) / CONFIG_FILE
+    """The ``config.json`` a stage wrote into its workdir (an error naming the file if there is none), with
+    its ``PATH_KEYS`` resolved to absolute paths from where the workdir is now."""
+    workdir = pathlib.Path(workdir)
+    path = workdir / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: is {workdir} a finished stage's workdir?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    written = json.loads(path.read_text())
+    return ml_collections.ConfigDict(resolve_paths(written, workdir))
+
+
+def portable_paths(config: dict, workdir: str | pathlib.Path) -> dict:
+    """``config`` (plain dicts) with each ``PATH_KEYS`` entry relative to ``workdir`` when it lies inside the
+    workdir's parent (the job directory), else absolute, and ``written_in``: the workdir's absolute path."""
+    workdir = pathlib.Path(workdir).absolute()
+    out = json.loads(json.dumps(config))  # a deep copy
+    for section, key in _path_entries(out):
+        target = pathlib.Path(section[key]).absolute()
+        inside_job = target == workdir.parent or workdir.parent in target.parents
+        section[key] = os.path.relpath(target, workdir) if inside_job else str(target)
+    out["written_in"] = str(workdir)
+    return out
+
+
+def resolve_paths(config: dict, workdir: str | pathlib.Path) -> dict:
+    """The inverse of ``portable_paths``: each relative ``PATH_KEYS`` entry resolved against ``workdir`` as it
+    is now; if nothing is there, against the workdir the config was written in (``written_in``), then (a
+    workdir written before paths were portable) against the current directory. Absolute paths stay."""
+    workdir = pathlib.Path(workdir).absolute()
+    out = json.loads(json.dumps(config))
+    origins = [workdir]
+    if out.get("written_in"):
+        origins.append(pathlib.Path(out["written_in"]))
+    for section, key in _path_entries(out):
+        value = pathlib.Path(section[key])
+        if value.is_absolute():
+            continue
+        candidates = [os.path.normpath(origin / value) for origin in origins] + [str(value.absolute())]
+        section[key] = next((c for c in candidates if pathlib.Path(c).exists()), candidates[0])
+    return out
+
+
+def _path_entries(config: dict) -> list[tuple[dict, str]]:
+    """``(section, key)`` of every non-empty ``PATH_KEYS`` entry of a plain-dict config."""
+    entries = []
+    for dotted in PATH_KEYS:
+        *parents, key = dotted.split(".")
+        section = config
+        for name in parents:
+            section = section.get(name) if isinstance(section, dict) else None
+        if isinstance(section, dict) and isinstance(section.get(key), str) and section[key]:
+            entries.append((section, key))
+    return entries
 
 
 def finished_summary(workdir: str | pathlib.Path) -> dict | None:
@@ -108,20 +168,53 @@ class Opened:
 def open_stage(
     config: Any, workdir: str | pathlib.Path, *, data: Any = None, written: dict | None = None, vocab_size: int = 0
 ) -> Opened:
-    """The first section of a stage's ``train()``: create ``workdir``, write ``config.json`` (``written``, else
-    ``config`` itself; process 0 only), build the mesh and rules of ``config``, and load the tokenizer of the
-    ``data`` section (default ``config.data``). ``vocab_size`` > 0 checks the tokenizer fits the model."""
+    """The first section of a stage's ``train()``, inside ``with workdir_lock(workdir):``: create ``workdir``,
+    write ``config.json`` (``written``, else ``config`` itself; process 0 only), build the mesh and rules of
+    ``config``, and load the tokenizer of the ``data`` section (default ``config.data``). ``vocab_size`` > 0
+    checks the tokenizer fits the model."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        text = json.dumps(written, indent=1) if written is not None else config.to_json_best_effort(indent=1)
-        (workdir / CONFIG_FILE).write_text(text + "\n")
+        plain = written if written is not None else json.loads(config.to_json_best_effort())
+        write_config(workdir, plain)
     mesh, rules = sharding.make_mesh(config.mesh_shape), sharding.as_rules(config.rules)
     paths = data_paths(config.data if data is None else data)
     tokenizer = load_tokenizer(paths.tokenizer)
     if vocab_size and tokenizer.vocab_size > vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={vocab_size}")
     return Opened(workdir, mesh, rules, paths, tokenizer)
+
+
+def write_config(workdir: str | pathlib.Path, config: dict) -> None:
+    """Write a stage's ``config.json`` (plain dicts) with its paths made portable (``portable_paths``)."""
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    path.write_text(json.dumps(portable_paths(config, workdir), indent=1) + "\n")
+
+
+def check_lengths(cfg: ModelConfig, model: str, lengths: dict[str, int]) -> None:
+    """Refuse, before anything compiles, a sequence length a stage would feed a model beyond its positions
+    (``model.max_len``: a learned position table's size, or the context a RoPE model was trained for).
+    ``lengths`` maps the config keys (or sums of them) to their lengths; ``model`` names the model."""
+    for key, length in lengths.items():
+        if length > cfg.max_len:
+            raise ValueError(
+                f"{key}={length} exceeds the {model}'s {cfg.max_len} positions (model.max_len): a longer sequence "
+                f"{'reads past its position table' if cfg.positions == 'learned' else 'runs past its context'}; "
+                f"make {key} at most {cfg.max_len}"
+            )
+
+
+def report_padding(name: str, batches: Sequence[dict], max_len: int) -> int:
+    """The longest real row of ``batches`` (each with a ``mask`` whose last axis is the sequence); prints a note
+    when it is at most half of ``max_len``, since every row is padded to ``max_len`` and pays for it."""
+    longest = max((int(np.asarray(b["mask"]).sum(axis=-1).max()) for b in batches), default=0)
+    if longest and 2 * longest <= max_len and jax.process_index() == 0:
+        print(
+            f"[{name}] note: the longest validation sequence has {longest} tokens, and every row is padded to "
+            f"config.data.max_len={max_len}; a lower max_len computes less",
+            flush=True,
+        )
+    return longest
 
 
 def close_stage(workdir: str | pathlib.Path, summary: dict[str, Any]) -> dict[str, Any]:

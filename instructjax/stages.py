@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from instructjax import evaluate, metrics, reward, sharding, stage, train_ppo, train_rm, train_sft
+from instructjax import evaluate, loop, metrics, reward, sharding, stage, train_ppo, train_rm, train_sft
 from instructjax.data import world
 from instructjax.model import ModelConfig
 from instructjax.tokenizer import load_tokenizer
@@ -125,6 +125,8 @@ def train_stages(
             else:
                 stage_config.data.world_dir = str(world_dir)
                 stage_config.data.tokenizer = tokenizer
+                if config.data_dir:  # your data: the TFDS cache goes under the job, not into your data directory
+                    stage_config.data.cache_dir = str(workdir / "tfds")
                 stage_config.init_from = str(stage_dirs[init_from]) if init_from else ""
                 if base_model is not None:  # the given base model's architecture; the stage's head, dropout
                     head, dropout_rate = stage_config.model.head, stage_config.model.dropout_rate
@@ -138,6 +140,9 @@ def train_stages(
                 else:
                     summary = train_sft.train(stage_config, stage_dir)
         seconds[name] = summary["wall_seconds"]
+        if summary["status"] != "done":  # SIGTERM: the stage saved; later stages must not start from it
+            announce(name, "stopped by SIGTERM after saving its checkpoint; rerun the same command to resume")
+            raise loop.Preempted(f"{name} was preempted at step {summary['step']} of {summary['total_steps']}")
         announce(name, f"done in {_clock(seconds[name])}")
 
     return world_dir, stage_dirs, seconds
@@ -166,6 +171,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         batch_size=config.eval.batch_size,
         gold=has_gold,
         best=["ppo_init"],  # as PPO starts from it: the checkpoint its selection kept (train_ppo loads best)
+        cache_dir=workdir / "tfds" if config.data_dir else None,
     )
     seconds["evaluation"] = time.perf_counter() - start
     rm_summary = json.loads((stage_dirs["rm"] / "summary.json").read_text())
@@ -285,9 +291,10 @@ def _smooth(x: np.ndarray, window: int = 10) -> np.ndarray:
     return np.convolve(x, np.ones(window) / window, mode="valid")
 
 
-def _report(workdir: pathlib.Path, results: dict, models: dict, n_samples: int) -> None:
-    lines = ["# instructjax pipeline report", "", f"Devices: {results['devices']}.", ""]
-    lines += [
+def results_table(results: dict) -> list[str]:
+    """The models table of ``results.json`` (``run``'s return) as Markdown lines: what the report opens with and
+    what ``scripts/pipeline.py`` prints at the end."""
+    lines = [
         "| model | gold score | win vs SFT (gold) | win vs SFT (RM) | RM score | KL to SFT | stops (EOS) "
         "| response words | held-out pretraining NLL |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -298,19 +305,25 @@ def _report(workdir: pathlib.Path, results: dict, models: dict, n_samples: int) 
             _cell(r, "gold_win_rate_vs_sft", ".1%"),
             _cell(r, "rm_win_rate_vs_sft", ".1%"),
             _cell(r, "rm_score", ".2f"),
-            _cell(r, "kl_to_sft", ".2f"),
+            _cell(r, "kl_to_sft", ".2f") + ("" if r.get("kl_to_sft_se") is None else f" ± {r['kl_to_sft_se']:.2f}"),
             _cell(r, "stop_rate", ".1%"),
             _cell(r, "response_words", ".1f"),
             _cell(r, "pretrain_nll", ".3f"),
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _report(workdir: pathlib.Path, results: dict, models: dict, n_samples: int) -> None:
+    lines = ["# instructjax pipeline report", "", f"Devices: {results['devices']}.", ""]
+    lines += results_table(results)
     lines += [
         "",
         "Gold score: `instructjax/data/world_tasks.py` (1 = correct answer and a clean stop; – = data without one).",
         "RM score: the reward model's",
         "score minus its bias (demonstrations average 0). Greedy decoding on the test prompts; win rates",
         "compare each prompt's response with the SFT model's (ties count half). KL to SFT: nats per response,",
-        "on the model's own samples at temperature 1.",
+        "on the model's own samples at temperature 1 (one sample per prompt), ± its standard error.",
         "",
     ]
     rm = results["rm"]

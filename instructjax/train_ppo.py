@@ -19,8 +19,8 @@ One iteration (one counted step of ``loop.run``):
    and one Adam step of the value model on the clipped value loss.
 4. **KL coefficient**: fixed β (the paper: 0.02) or the adaptive controller of Ziegler et al. 2019 (§2.2).
 
-Set-up is one function, ``plan`` (config checks, models, counts, optimizers, state shapes and shardings),
-which ``train`` and the ahead-of-time compilation (``aot.py``) both call. ``make_iteration`` and
+Set-up is one function, ``ppo_setup.plan`` (config checks, models, counts, optimizers, state shapes and
+shardings), which ``train`` and the ahead-of-time compilation (``aot.py``) both call. ``make_iteration`` and
 ``make_evaluate`` build the iteration and the validation that ``loop.run`` drives. Checkpoint selection
 keeps the params with the highest ``val_reward``: the mean validation reward as training gives it (the RM
 score with the missing-EOS penalty; the gold score when ``config.reward='gold'``).
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 import time
 from collections.abc import Callable
@@ -42,105 +41,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from instructjax import checkpoint, loop, optim, ppo_steps, reward, rollout, sampling, sharding, stage
+from instructjax import checkpoint, loop, ppo_setup, ppo_steps, reward, rollout, sampling, sharding, stage, workdir_lock
 from instructjax.data import pipeline, tfds_builder, world_tasks
-from instructjax.model import ModelConfig, Transformer, count_params
-
-# ----------------------------------------------------------------------------------------------- set-up, once
-
-
-def check_config(config: Any, mesh: Any, rules: Any) -> None:
-    """Refuse a PPO config that cannot run, before anything is loaded or compiled, naming the key."""
-    if config.reward not in ("rm", "gold"):
-        raise ValueError(f"config.reward={config.reward!r}: expected 'rm' or 'gold'")
-    if config.nan_policy != "stop":
-        raise ValueError(f"config.nan_policy={config.nan_policy!r}: PPO supports only 'stop'")
-    for name in ("batch_size", "minibatch_size"):
-        sharding.check_batch_size(f"config.{name}", config[name], mesh, rules)
-    if config.batch_size % config.minibatch_size:
-        raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of minibatch_size")
-    if config.ppo_epochs <= 0:
-        raise ValueError(f"config.ppo_epochs={config.ppo_epochs} must be positive")
-    minibatches = config.batch_size // config.minibatch_size
-    for name in ("optim", "value_optim"):
-        if minibatches % config[name].grad_accum_steps:
-            raise ValueError(
-                f"config.{name}.grad_accum_steps={config[name].grad_accum_steps} must divide the {minibatches} "
-                "minibatches of an epoch (an optimizer update may not span two rollouts)"
-            )
-
-
-def model_configs(policy_model: Any, value_model: Any) -> tuple[ModelConfig, ModelConfig]:
-    """The policy's and the value/reward model's ``ModelConfig`` (from their stages' ``model`` sections), with
-    dropout off (the first ratio is exactly 1); an error unless the first is an LM and the second a scalar head."""
-    policy_cfg = dataclasses.replace(ModelConfig.from_dict(policy_model), dropout_rate=0.0)
-    value_cfg = dataclasses.replace(ModelConfig.from_dict(value_model), dropout_rate=0.0)
-    if policy_cfg.head != "lm" or value_cfg.head != "scalar":
-        raise ValueError(
-            f"PPO needs a policy with head='lm' (got {policy_cfg.head!r}) and a reward model with head='scalar' "
-            f"(got {value_cfg.head!r})"
-        )
-    return policy_cfg, value_cfg
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """Everything PPO derives from its config and model configs before it touches data or checkpoints: what
-    ``train`` runs and what ``aot`` compiles, built by one function (``plan``) so the two cannot drift."""
-
-    models: dict[str, Transformer]  # policy, ref, value, rm
-    policy_cfg: ModelConfig
-    value_cfg: ModelConfig
-    total_steps: int  # iterations
-    minibatches: int  # minibatch updates per epoch
-    micro_per_iteration: int  # minibatch updates per iteration (all epochs)
-    policy_updates: int  # optimizer updates over the run (micro-batches / grad_accum_steps): the schedules' length
-    value_updates: int
-    ptx_rows: int  # pretraining rows per minibatch (0 for plain PPO)
-    tx_policy: optax.GradientTransformation
-    tx_value: optax.GradientTransformation
-    policy_lr: Callable[[int], Any]  # the policy's schedule, by optimizer update
-    new_state: Callable  # new_state(policy, value, rng_data) -> ppo_steps.PPOState
-    rng_data: jax.Array
-    shapes: ppo_steps.PPOState  # abstract state
-    state_sh: ppo_steps.PPOState  # its shardings
-
-
-def plan(config: Any, policy_cfg: ModelConfig, value_cfg: ModelConfig, mesh: Any, rules: Any) -> Plan:
-    """Check the config, then the models, counts, optimizers (their schedules count optimizer updates:
-    micro-batches / ``grad_accum_steps``) and the state's shapes and shardings. Allocates nothing."""
-    check_config(config, mesh, rules)
-    models = ppo_steps.make_models(policy_cfg, value_cfg, config)
-    total_steps = config.num_iterations or math.ceil(config.total_episodes / config.batch_size)
-    minibatches = config.batch_size // config.minibatch_size
-    micro_per_iteration = config.ppo_epochs * minibatches
-    policy_updates = total_steps * micro_per_iteration // config.optim.grad_accum_steps
-    value_updates = total_steps * micro_per_iteration // config.value_optim.grad_accum_steps
-    tx_policy = optim.make_optimizer(config.optim, policy_updates)
-    tx_value = optim.make_optimizer(config.value_optim, value_updates)
-    new_state = ppo_steps.make_new_state(config, tx_policy, tx_value)
-    rng_data = jax.random.key_data(jax.random.key(config.seed))
-    shapes, state_sh = ppo_steps.abstract_state(new_state, models["policy"], models["value"], rng_data, mesh, rules)
-    return Plan(
-        models=models,
-        policy_cfg=policy_cfg,
-        value_cfg=value_cfg,
-        total_steps=total_steps,
-        minibatches=minibatches,
-        micro_per_iteration=micro_per_iteration,
-        policy_updates=policy_updates,
-        value_updates=value_updates,
-        ptx_rows=ppo_steps.ptx_rows_per_minibatch(config, sharding.batch_divisor(mesh, rules)),
-        tx_policy=tx_policy,
-        tx_value=tx_value,
-        policy_lr=optim.lr_schedule(config.optim, policy_updates),
-        new_state=new_state,
-        rng_data=rng_data,
-        shapes=shapes,
-        state_sh=state_sh,
-    )
+from instructjax.model import ModelConfig, count_params
 
 
 @dataclasses.dataclass
@@ -156,7 +60,7 @@ class Data:
     gold_score: Callable[[str, str, bool], float] | None
 
 
-def make_data(config: Any, plan: Plan, policy_source: Any, opened: stage.Opened) -> Data:
+def make_data(config: Any, plan: ppo_setup.Plan, policy_source: Any, opened: stage.Opened) -> Data:
     """Prompts from the policy's data directory (``config.data.prompts_file``), PPO-ptx's packed pretraining
     rows, and the first ``config.eval_prompts`` validation prompts."""
     mesh, rules, paths, tokenizer, d = opened.mesh, opened.rules, opened.paths, opened.tokenizer, config.data
@@ -192,77 +96,85 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
             "config.policy_from (the PPO-init SFT workdir) and config.rm_from (the RM workdir) are required"
         )
     policy_source, rm_source = stage.read_config(config.policy_from), stage.read_config(config.rm_from)
-    policy_cfg, value_cfg = model_configs(policy_source.model, rm_source.model)
+    policy_cfg, value_cfg = ppo_setup.model_configs(
+        policy_source.model,
+        rm_source.model,
+        (f"config.policy_from={config.policy_from}", f"config.rm_from={config.rm_from}"),
+    )
     # Self-describing: the policy's model and data settings come along, so stage.load_stage, scripts/sample.py
     # and convert_hf read a PPO workdir like any other stage.
     written = json.loads(config.to_json_best_effort())
     written["model"] = policy_source.model.to_dict()
     written["data"] = {**policy_source.data.to_dict(), **written["data"]}
-    opened = stage.open_stage(config, workdir, data=policy_source.data, written=written)
-    mesh, rules = opened.mesh, opened.rules
-    ppo = plan(config, policy_cfg, value_cfg, mesh, rules)
-
-    # ----------------------------------------------------------------- Data
-    data = make_data(config, ppo, policy_source, opened)
-
-    # ----------------------------------------------------------------- Sharded state: four parameter sets
-    # Straight from the checkpoints onto the mesh (no random init): the policy and reference from the
-    # PPO-init SFT, the value model and the RM from the RM (both the selected, "best", params). The frozen
-    # copies are separate arrays because the trained ones are donated every update.
-    shapes, state_sh = ppo.shapes, ppo.state_sh
-    load_policy = lambda: checkpoint.load_params(config.policy_from, shapes.params, state_sh.params, best=True)
-    load_rm = lambda: checkpoint.load_params(config.rm_from, shapes.value_params, state_sh.value_params, best=True)
-    with sharding.use(mesh, rules):
-        new_state = jax.jit(lambda p, v: ppo.new_state(p, v, ppo.rng_data), out_shardings=state_sh)
-        state = new_state(load_policy(), load_rm())
-    frozen_dtype = jnp.dtype(config.frozen_dtype) if config.frozen_dtype else None
-    frozen = {"ref": _cast(load_policy(), frozen_dtype), "rm": _cast(load_rm(), frozen_dtype)}
-    rm_bias = reward.load_bias(config.rm_from)
-    n_params = count_params(state.params)
-
-    # ----------------------------------------------------------------- Jitted pieces and one iteration
-    programs = Programs(
-        score=ppo_steps.make_score(ppo.models, config, data.tokenizer.eos_id, rm_bias),
-        update=ppo_steps.make_update(
-            ppo.models, policy_cfg, config, ppo.tx_policy, ppo.tx_value, mesh, rules, state_sh
-        ),
-        new_kl_coef=jax.jit(lambda coef, kl: ppo_steps.kl_controller(config.kl, coef, kl, config.batch_size)),
-    )
-    time_split = {"generate": 0.0, "score": 0.0, "update": 0.0}  # seconds after compilation, summed
-    iteration = make_iteration(config, ppo, data, programs, frozen, mesh, rules, time_split)
-    rm = reward.RewardModel(stage.Stage(rm_source, value_cfg, frozen["rm"], data.tokenizer, mesh, rules), rm_bias)
-    evaluate = make_evaluate(config, policy_cfg, data, rm, mesh, rules)
-
-    # ----------------------------------------------------------------- Train loop (instructjax/loop.py)
-    settings = loop.settings(
-        config,
-        total_steps=ppo.total_steps,
-        select=(VALIDATION_REWARD, "max"),
-        eval_at_start=True,
-        progress_keys=("rm_score", "gold_score", "kl", "ptx_loss"),
-    )
-    start_info = {"params": n_params, "ptx_rows_per_minibatch": ppo.ptx_rows, "minibatches": ppo.minibatches}
-    with sharding.use(mesh, rules):
-        result = loop.run(
-            settings,
-            opened.workdir,
-            state=state,
-            state_shardings=state_sh,
-            iters=data.iters,
-            step_fn=iteration,
-            evaluate=evaluate,
-            start_info=start_info,
-            lr_fn=lambda it: ppo.policy_lr(it * ppo.micro_per_iteration // config.optim.grad_accum_steps),
-            started_at=wall_start,
+    with workdir_lock.hold(workdir):  # one run per workdir, released however the stage ends
+        opened = stage.open_stage(config, workdir, data=policy_source.data, written=written)
+        ppo_setup.check_same_tokenizer(
+            opened.tokenizer, stage.data_paths(rm_source.data, need_data=False).tokenizer, config
         )
+        mesh, rules = opened.mesh, opened.rules
+        ppo = ppo_setup.plan(config, policy_cfg, value_cfg, mesh, rules)
 
-    # ----------------------------------------------------------------- Finish
-    total = max(sum(time_split.values()), 1e-9)
-    split = {k: round(v / total, 3) for k, v in time_split.items()}
-    print(f"[ppo] time split (after compilation): {split}")
-    truncation = data.fmt.stats.as_dict()
-    summary = loop.summary(result, ppo.total_steps, params=n_params, time_split=split, truncation=truncation)
-    return stage.close_stage(opened.workdir, summary)
+        # ----------------------------------------------------------------- Data
+        data = make_data(config, ppo, policy_source, opened)
+
+        # ----------------------------------------------------------------- Sharded state: four parameter sets
+        # Straight from the checkpoints onto the mesh (no random init): the policy and reference from the
+        # PPO-init SFT, the value model and the RM from the RM (both the selected, "best", params). The frozen
+        # copies are separate arrays because the trained ones are donated every update.
+        shapes, state_sh = ppo.shapes, ppo.state_sh
+        load_policy = lambda: checkpoint.load_params(config.policy_from, shapes.params, state_sh.params, best=True)
+        load_rm = lambda: checkpoint.load_params(config.rm_from, shapes.value_params, state_sh.value_params, best=True)
+        with sharding.use(mesh, rules):
+            new_state = jax.jit(lambda p, v: ppo.new_state(p, v, ppo.rng_data), out_shardings=state_sh)
+            state = new_state(load_policy(), load_rm())
+        frozen_dtype = jnp.dtype(config.frozen_dtype) if config.frozen_dtype else None
+        frozen = {"ref": _cast(load_policy(), frozen_dtype), "rm": _cast(load_rm(), frozen_dtype)}
+        rm_bias = reward.load_bias(config.rm_from)
+        n_params = count_params(state.params)
+
+        # ----------------------------------------------------------------- Jitted pieces and one iteration
+        programs = Programs(
+            score=ppo_steps.make_score(ppo.models, config, data.tokenizer.eos_id, rm_bias),
+            update=ppo_steps.make_update(
+                ppo.models, policy_cfg, config, ppo.tx_policy, ppo.tx_value, mesh, rules, state_sh
+            ),
+            new_kl_coef=jax.jit(lambda coef, kl: ppo_steps.kl_controller(config.kl, coef, kl, config.batch_size)),
+        )
+        time_split = {"generate": 0.0, "score": 0.0, "update": 0.0}  # seconds after compilation, summed
+        iteration = make_iteration(config, ppo, data, programs, frozen, mesh, rules, time_split)
+        rm = reward.RewardModel(stage.Stage(rm_source, value_cfg, frozen["rm"], data.tokenizer, mesh, rules), rm_bias)
+        evaluate = make_evaluate(config, policy_cfg, data, rm, mesh, rules)
+
+        # ----------------------------------------------------------------- Train loop (instructjax/loop.py)
+        settings = loop.settings(
+            config,
+            total_steps=ppo.total_steps,
+            select=(VALIDATION_REWARD, "max"),
+            eval_at_start=True,
+            progress_keys=("rm_score", "gold_score", "kl", "ptx_loss"),
+        )
+        start_info = {"params": n_params, "ptx_rows_per_minibatch": ppo.ptx_rows, "minibatches": ppo.minibatches}
+        with sharding.use(mesh, rules):
+            result = loop.run(
+                settings,
+                opened.workdir,
+                state=state,
+                state_shardings=state_sh,
+                iters=data.iters,
+                step_fn=iteration,
+                evaluate=evaluate,
+                start_info=start_info,
+                lr_fn=lambda it: ppo.policy_lr(it * ppo.micro_per_iteration // config.optim.grad_accum_steps),
+                started_at=wall_start,
+            )
+
+        # ----------------------------------------------------------------- Finish
+        total = max(sum(time_split.values()), 1e-9)
+        split = {k: round(v / total, 3) for k, v in time_split.items()}
+        print(f"[ppo] time split (after compilation): {split}")
+        truncation = data.fmt.stats.as_dict()
+        summary = loop.summary(result, ppo.total_steps, params=n_params, time_split=split, truncation=truncation)
+        return stage.close_stage(opened.workdir, summary)
 
 
 # ----------------------------------------------------------------------------------------------- one iteration
@@ -279,7 +191,7 @@ class Programs:
 
 def make_iteration(
     config: Any,
-    plan: Plan,
+    plan: ppo_setup.Plan,
     data: Data,
     programs: Programs,
     frozen: dict[str, Any],
@@ -316,7 +228,9 @@ def make_iteration(
         if config.reward == "gold":  # the ablation: optimise the gold score itself instead of the RM
             oracle = sharding.put_global(np.asarray(golds, np.float32), mesh, rules)
         ro = programs.score(state.params, state.value_params, frozen, batch, gen, state.kl_coef, oracle)
-        stats = _rollout_stats(ro, golds)
+        host = sharding.to_host(ro)
+        check_rollout_finite(host, int(state.step) + 1)  # before any update: the last checkpoint stays good
+        stats = _rollout_stats(host, golds)
         t2 = time.perf_counter()
         updates = []
         for epoch in range(config.ppo_epochs):
@@ -407,9 +321,37 @@ def _gold_scores(batch: dict, gen: Any, gold_score, tokenizer) -> list[float]:
     return golds
 
 
+# The rollout's quantities, in the order a NaN spreads through them (the first non-finite one is its source).
+ROLLOUT_QUANTITIES = (
+    ("logprobs", "the policy's log-probs"),
+    ("ref_logprobs", "the reference's log-probs"),
+    ("values", "the value model's values"),
+    ("scores", "the reward (RM score or reward function)"),
+    ("rewards", "the KL-shaped rewards"),
+    ("advantages", "the advantages"),
+    ("returns", "the returns"),
+)
+
+
+def check_rollout_finite(ro: rollout.Rollout, iteration: int) -> None:
+    """Raise ``FloatingPointError`` naming the iteration and the first non-finite quantity of a (host) rollout,
+    where the response mask is 1 (padding is masked out everywhere), before any update uses it: PPO stops
+    there (``nan_policy='stop'``), and the last checkpoint, written before this iteration, stays intact."""
+    mask = np.asarray(ro.response_mask) > 0
+    for name, what in ROLLOUT_QUANTITIES:
+        values = np.asarray(getattr(ro, name))
+        real = values if values.ndim == 1 else values[mask]  # scores are one per row
+        bad = ~np.isfinite(real)
+        if bad.any():
+            example = real[bad][0]
+            raise FloatingPointError(
+                f"non-finite {name} ({what}) in the rollout of iteration {iteration}: {int(bad.sum())} of "
+                f"{real.size} entries, e.g. {example}; the run stops before updating (the last checkpoint is intact)"
+            )
+
+
 def _rollout_stats(ro: rollout.Rollout, golds: list[float] | None) -> dict[str, float]:
-    """Per-iteration rollout metrics (host floats)."""
-    ro = sharding.to_host(ro)
+    """Per-iteration rollout metrics (host floats) of a rollout on the host."""
     mask = np.asarray(ro.response_mask, np.float32)
     logratio = np.asarray(ro.logprobs) - np.asarray(ro.ref_logprobs)
     returns, values = np.asarray(ro.returns)[mask > 0], np.asarray(ro.values)[mask > 0]

@@ -34,7 +34,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructjax import checkpoint, loop, losses, metrics, optim, reward, scoring, sharding, stage, steps
+from instructjax import (
+    checkpoint,
+    configlib,
+    loop,
+    losses,
+    metrics,
+    optim,
+    reward,
+    scoring,
+    sharding,
+    stage,
+    steps,
+    workdir_lock,
+)
 from instructjax.data import formats, pipeline, tfds_builder, world_tasks
 from instructjax.model import ModelConfig, Transformer, count_params
 
@@ -57,65 +70,84 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     cfg = ModelConfig.from_dict(config.model)
     if cfg.head != "scalar":
         raise ValueError(f"config.model.head={cfg.head!r}: a reward model needs head='scalar'")
-    opened = stage.open_stage(config, workdir, vocab_size=cfg.vocab_size)
-    mesh, rules = opened.mesh, opened.rules
-    model = Transformer(cfg)
+    check_config(config)
+    stage.check_lengths(cfg, "model", {"config.data.max_len": config.data.max_len})
+    with workdir_lock.hold(workdir):  # one run per workdir, released however the stage ends
+        opened = stage.open_stage(config, workdir, vocab_size=cfg.vocab_size)
+        mesh, rules = opened.mesh, opened.rules
+        model = Transformer(cfg)
 
-    # ----------------------------------------------------------------- Data
-    data = make_data(config, opened)
-    accum = config.optim.grad_accum_steps
-    total_steps = config.num_steps or math.ceil(config.num_epochs * data.train_size / (config.batch_size * accum))
+        # ----------------------------------------------------------------- Data
+        data = make_data(config, opened)
+        stage.report_padding(opened.workdir.name, data.eval_batches, config.data.max_len)
+        accum = config.optim.grad_accum_steps
+        total_steps = config.num_steps or math.ceil(config.num_epochs * data.train_size / (config.batch_size * accum))
 
-    # ----------------------------------------------------------------- Model, optimizer, sharded state
-    tx = optim.make_optimizer(config.optim, total_steps)
-    example = np.zeros((1, config.data.max_len), np.int32)
-    state, state_sh = steps.create_train_state(lambda r: model.init(r, example)["params"], tx, mesh, rules, config.seed)
-    n_params = count_params(state.params)
-    if config.init_from:
-        state = state.replace(params=_from_policy(config.init_from, state.params, cfg, mesh, rules))
-
-    # ----------------------------------------------------------------- Steps
-    loss_fn = make_loss_fn(model)
-    train_step = steps.make_train_step(loss_fn, tx, state_sh, config.nan_policy)
-    eval_step = steps.make_eval_step(loss_fn, state_sh.params)
-    evaluate = lambda params: validation_metrics(eval_step, params, data.eval_batches, mesh, rules)
-
-    # ----------------------------------------------------------------- Train loop (instructjax/loop.py)
-    settings = loop.settings(
-        config,
-        total_steps=total_steps,
-        select=("val_loss", "min"),
-        micro_steps=accum,
-        flops_per_token=metrics.training_flops_per_token(cfg, config.data.max_len),
-    )
-    with sharding.use(mesh, rules):
-        result = loop.run(
-            settings,
-            opened.workdir,
-            state=state,
-            state_shardings=state_sh,
-            iters=data.iters,
-            step_fn=lambda state: train_step(state, sharding.to_global(next(data.iters["train"]), mesh, rules)),
-            evaluate=evaluate,
-            start_info={"params": n_params, "train_examples": data.train_size},
-            lr_fn=optim.lr_schedule(config.optim, total_steps),
-            started_at=wall_start,
+        # ----------------------------------------------------------------- Model, optimizer, sharded state
+        tx = optim.make_optimizer(config.optim, total_steps)
+        example = np.zeros((1, config.data.max_len), np.int32)
+        state, state_sh = steps.create_train_state(
+            lambda r: model.init(r, example)["params"], tx, mesh, rules, config.seed
         )
+        n_params = count_params(state.params)
+        if config.init_from:
+            state = state.replace(params=_from_policy(config.init_from, state.params, cfg, mesh, rules))
 
-    # ----------------------------------------------------------------- Bias normalisation (§3.5)
-    bias = None
-    if result.status == "done":
-        best = checkpoint.load_params(opened.workdir, result.state.params, state_sh.params, best=True)
-        demos_file = opened.paths.world / config.data.demos_file
-        demos = tfds_builder.build("demos", {"train": demos_file}, opened.paths.cache, config.data.skip_bad)
-        bias = _mean_demo_reward(model, best, demos["train"], data.fmt, config.eval_batch_size, mesh, rules)
-        if jax.process_index() == 0:
-            info = {"bias": bias, "demonstrations": len(demos["train"]), "file": config.data.demos_file}
-            (opened.workdir / reward.BIAS_FILE).write_text(json.dumps(info, indent=1) + "\n")
+        # ----------------------------------------------------------------- Steps
+        loss_fn = make_loss_fn(model)
+        train_step = steps.make_train_step(loss_fn, tx, state_sh, config.nan_policy)
+        eval_step = steps.make_eval_step(loss_fn, state_sh.params)
+        evaluate = lambda params: validation_metrics(eval_step, params, data.eval_batches, mesh, rules)
 
-    # ----------------------------------------------------------------- Finish
-    summary = loop.summary(result, total_steps, accum, params=n_params, bias=bias, truncation=data.fmt.stats.as_dict())
-    return stage.close_stage(opened.workdir, summary)
+        # ----------------------------------------------------------------- Train loop (instructjax/loop.py)
+        settings = loop.settings(
+            config,
+            total_steps=total_steps,
+            select=("val_loss", "min"),
+            micro_steps=accum,
+            flops_per_token=metrics.training_flops_per_token(cfg, config.data.max_len),
+        )
+        with sharding.use(mesh, rules):
+            result = loop.run(
+                settings,
+                opened.workdir,
+                state=state,
+                state_shardings=state_sh,
+                iters=data.iters,
+                step_fn=lambda state: train_step(state, sharding.to_global(next(data.iters["train"]), mesh, rules)),
+                evaluate=evaluate,
+                start_info={"params": n_params, "train_examples": data.train_size},
+                lr_fn=optim.lr_schedule(config.optim, total_steps),
+                started_at=wall_start,
+            )
+
+        # ----------------------------------------------------------------- Bias normalisation (§3.5)
+        bias = None
+        if result.status == "done":
+            best = checkpoint.load_params(opened.workdir, result.state.params, state_sh.params, best=True)
+            demos_file = opened.paths.world / config.data.demos_file
+            demos = tfds_builder.build("demos", {"train": demos_file}, opened.paths.cache, config.data.skip_bad)
+            bias = _mean_demo_reward(model, best, demos["train"], data.fmt, config.eval_batch_size, mesh, rules)
+            if jax.process_index() == 0:
+                info = {"bias": bias, "demonstrations": len(demos["train"]), "file": config.data.demos_file}
+                (opened.workdir / reward.BIAS_FILE).write_text(json.dumps(info, indent=1) + "\n")
+
+        # ----------------------------------------------------------------- Finish
+        summary = loop.summary(
+            result, total_steps, accum, params=n_params, bias=bias, truncation=data.fmt.stats.as_dict()
+        )
+        return stage.close_stage(opened.workdir, summary)
+
+
+def check_config(config: Any) -> None:
+    """Refuse a config that cannot run, before anything is built or compiled, naming the key."""
+    keys = ("batch_size", "eval_batch_size", "data.max_len", "data.k_max", "optim.lr", "optim.grad_accum_steps")
+    configlib.check_positive(config, keys)
+    configlib.check_positive(config, ("num_epochs", "num_steps"), allow_zero=("num_epochs", "num_steps"))
+    if not config.num_steps and not config.num_epochs:
+        raise ValueError("config.num_epochs and config.num_steps are both 0: set one (num_steps > 0 overrides)")
+    if config.data.k_max < 2:
+        raise ValueError(f"config.data.k_max={config.data.k_max}: a ranking compares at least 2 completions")
 
 
 def make_data(config: Any, opened: stage.Opened) -> Data:

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from instructjax import checkpoint, loop, losses, metrics, optim, sharding, stage, steps
+from instructjax import checkpoint, configlib, loop, losses, metrics, optim, sharding, stage, steps, workdir_lock
 from instructjax.data import pipeline, tfds_builder
 from instructjax.model import ModelConfig, Transformer, count_params, unembedding
 
@@ -48,6 +48,14 @@ class Data:
 
 def check_config(config: Any, score_fn: Callable | None = None) -> None:
     """Refuse a config that cannot run, before anything is built or compiled, naming the key."""
+    sizes = ("batch_size", "eval_batch_size", "data.max_len", "optim.lr", "optim.grad_accum_steps", "loss_chunk")
+    configlib.check_positive(config, sizes)
+    counts = ("num_epochs", "num_steps", "data.ptx_fraction")
+    configlib.check_positive(config, counts, allow_zero=counts)
+    if not config.num_steps and not config.num_epochs:
+        raise ValueError("config.num_epochs and config.num_steps are both 0: set one (num_steps > 0 overrides)")
+    if not 0 <= config.data.ptx_fraction < 1:
+        raise ValueError(f"config.data.ptx_fraction={config.data.ptx_fraction} must be in [0, 1)")
     if config.select_by not in ("val_loss", "score") or (config.select_by == "score" and score_fn is None):
         raise ValueError(f"config.select_by={config.select_by!r}: 'val_loss', or 'score' with a score_fn")
     if config.data.kind not in ("demos", "pretrain"):
@@ -60,70 +68,76 @@ def train(config: Any, workdir: str | pathlib.Path, score_fn: Callable[[Any], fl
     wall_start = time.perf_counter()
     check_config(config, score_fn)
     cfg = ModelConfig.from_dict(config.model)
-    opened = stage.open_stage(config, workdir, vocab_size=cfg.vocab_size)
-    mesh, rules = opened.mesh, opened.rules
-    model = Transformer(cfg)
+    stage.check_lengths(cfg, "model", {"config.data.max_len": config.data.max_len})
+    with workdir_lock.hold(workdir):  # one run per workdir, released however the stage ends
+        opened = stage.open_stage(config, workdir, vocab_size=cfg.vocab_size)
+        mesh, rules = opened.mesh, opened.rules
+        model = Transformer(cfg)
 
-    # ----------------------------------------------------------------- Data
-    data = make_data(config, opened)
-    accum = config.optim.grad_accum_steps
-    total_steps = config.num_steps or math.ceil(config.num_epochs * data.train_size / (config.batch_size * accum))
+        # ----------------------------------------------------------------- Data
+        data = make_data(config, opened)
+        if config.data.kind == "demos":  # packed pretraining rows are full by construction
+            stage.report_padding(opened.workdir.name, data.eval_batches, config.data.max_len)
+        accum = config.optim.grad_accum_steps
+        total_steps = config.num_steps or math.ceil(config.num_epochs * data.train_size / (config.batch_size * accum))
 
-    # ----------------------------------------------------------------- Model, optimizer, sharded state
-    tx = optim.make_optimizer(config.optim, total_steps)
-    example = np.zeros((1, config.data.max_len), np.int32)
-    state, state_sh = steps.create_train_state(lambda r: model.init(r, example)["params"], tx, mesh, rules, config.seed)
-    n_params = count_params(state.params)
-    if config.init_from:
-        state = state.replace(params=checkpoint.load_params(config.init_from, state.params, state_sh.params))
-
-    # ----------------------------------------------------------------- Steps
-    loss_fn = make_loss_fn(model, cfg, config)
-    train_step = steps.make_train_step(loss_fn, tx, state_sh, config.nan_policy)
-    eval_step = steps.make_eval_step(loss_fn, state_sh.params)
-
-    def next_batch():
-        batch = next(data.iters["train"])
-        if "ptx" in data.iters:
-            batch.update({f"ptx_{k}": v for k, v in next(data.iters["ptx"]).items()})
-        return sharding.to_global(batch, mesh, rules)
-
-    def evaluate(params) -> dict[str, float]:
-        total = count = 0.0
-        for batch in data.eval_batches:
-            out = eval_step(params, sharding.to_global(batch, mesh, rules))
-            total += float(out["loss"]) * float(out["loss_tokens"])
-            count += float(out["loss_tokens"])
-        result = {"val_loss": total / max(count, 1.0)}
-        if score_fn is not None:
-            result["score"] = float(score_fn(params))
-        return result
-
-    # ----------------------------------------------------------------- Train loop (instructjax/loop.py)
-    settings = loop.settings(
-        config,
-        total_steps=total_steps,
-        select=("score", "max") if config.select_by == "score" else ("val_loss", "min"),
-        micro_steps=accum,
-        flops_per_token=metrics.training_flops_per_token(cfg, config.data.max_len),
-    )
-    with sharding.use(mesh, rules):
-        result = loop.run(
-            settings,
-            opened.workdir,
-            state=state,
-            state_shardings=state_sh,
-            iters=data.iters,
-            step_fn=lambda state: train_step(state, next_batch()),
-            evaluate=evaluate,
-            start_info={"params": n_params, "ptx_share": data.ptx_rows / (data.ptx_rows + config.batch_size)},
-            lr_fn=optim.lr_schedule(config.optim, total_steps),
-            started_at=wall_start,
+        # ----------------------------------------------------------------- Model, optimizer, sharded state
+        tx = optim.make_optimizer(config.optim, total_steps)
+        example = np.zeros((1, config.data.max_len), np.int32)
+        state, state_sh = steps.create_train_state(
+            lambda r: model.init(r, example)["params"], tx, mesh, rules, config.seed
         )
+        n_params = count_params(state.params)
+        if config.init_from:
+            state = state.replace(params=checkpoint.load_params(config.init_from, state.params, state_sh.params))
 
-    # ----------------------------------------------------------------- Finish
-    summary = loop.summary(result, total_steps, accum, params=n_params, truncation=data.fmt.stats.as_dict())
-    return stage.close_stage(opened.workdir, summary)
+        # ----------------------------------------------------------------- Steps
+        loss_fn = make_loss_fn(model, cfg, config)
+        train_step = steps.make_train_step(loss_fn, tx, state_sh, config.nan_policy)
+        eval_step = steps.make_eval_step(loss_fn, state_sh.params)
+
+        def next_batch():
+            batch = next(data.iters["train"])
+            if "ptx" in data.iters:
+                batch.update({f"ptx_{k}": v for k, v in next(data.iters["ptx"]).items()})
+            return sharding.to_global(batch, mesh, rules)
+
+        def evaluate(params) -> dict[str, float]:
+            total = count = 0.0
+            for batch in data.eval_batches:
+                out = eval_step(params, sharding.to_global(batch, mesh, rules))
+                total += float(out["loss"]) * float(out["loss_tokens"])
+                count += float(out["loss_tokens"])
+            result = {"val_loss": total / max(count, 1.0)}
+            if score_fn is not None:
+                result["score"] = float(score_fn(params))
+            return result
+
+        # ----------------------------------------------------------------- Train loop (instructjax/loop.py)
+        settings = loop.settings(
+            config,
+            total_steps=total_steps,
+            select=("score", "max") if config.select_by == "score" else ("val_loss", "min"),
+            micro_steps=accum,
+            flops_per_token=metrics.training_flops_per_token(cfg, config.data.max_len),
+        )
+        with sharding.use(mesh, rules):
+            result = loop.run(
+                settings,
+                opened.workdir,
+                state=state,
+                state_shardings=state_sh,
+                iters=data.iters,
+                step_fn=lambda state: train_step(state, next_batch()),
+                evaluate=evaluate,
+                start_info={"params": n_params, "ptx_share": data.ptx_rows / (data.ptx_rows + config.batch_size)},
+                lr_fn=optim.lr_schedule(config.optim, total_steps),
+                started_at=wall_start,
+            )
+
+        # ----------------------------------------------------------------- Finish
+        summary = loop.summary(result, total_steps, accum, params=n_params, truncation=data.fmt.stats.as_dict())
+        return stage.close_stage(opened.workdir, summary)
 
 
 def make_data(config: Any, opened: stage.Opened) -> Data:

@@ -9,11 +9,12 @@ docs/ablations.md.
 """
 
 import json
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from instructjax import ablate
+from instructjax import ablate, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a sweep in configs/ablations/", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the sweep's table and figure go", required=True)
@@ -22,7 +23,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where the sweep's table and fig
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    summary = ablate.run(_CONFIG.value, _WORKDIR.value)
+    try:
+        summary = ablate.run(_CONFIG.value, _WORKDIR.value)
+    except loop.Preempted as stopped:
+        print(f"[ablate] {stopped}: rerun the same command to resume", flush=True)
+        sys.exit(loop.EXIT_PREEMPTED)
     print(json.dumps({p["label"]: p["seeds"] for p in summary["points"]}))
 
 

@@ -57,9 +57,12 @@ Options (flag, or environment variable):
                                              per line, shell-quoted, instead of running it; needs no gcloud
   -h, --help                                 this help
 
-Example (the TPU presets are in configs/tpu.py; each names the smallest slice it is meant for):
+Example: the TPU preset sft_1p3b of configs/tpu.py on the slice it names, its tpu_slice, which
+  python scripts/config_info.py --config=configs/tpu.py:sft_1p3b
+prints (every preset: --config=configs/tpu.py); a v5e slice AxB is the accelerator type v5litepod-CHIPS
+with CHIPS = A*B.
   export TPU_VM_NAME=ij-v5e TPU_VM_ZONE=us-west4-a
-  $PROG create --accelerator=v5litepod-16 --spot
+  $PROG create --accelerator=v5litepod-CHIPS --spot
   $PROG copy && $PROG install
   $PROG launch --log=sft -- python scripts/train_sft.py --config=configs/tpu.py:sft_1p3b \\
       --workdir=/mnt/gcs/run/sft

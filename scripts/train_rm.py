@@ -7,11 +7,12 @@
 """
 
 import json
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from instructjax import sharding, train_rm
+from instructjax import loop, sharding, train_rm
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/rm.py:tiny", "stage config", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "stage directory (checkpoints, metrics, config.json)", required=True)
@@ -21,7 +22,10 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     sharding.initialize_distributed()  # multi-host (docs/tpu.md, docs/gpu.md); a no-op on one host
-    print(json.dumps(train_rm.train(_CONFIG.value, _WORKDIR.value), indent=1))
+    summary = train_rm.train(_CONFIG.value, _WORKDIR.value)
+    print(json.dumps(summary, indent=1))
+    if summary["status"] == "preempted":  # saved; a scheduler sees "try again", not "finished"
+        sys.exit(loop.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -434,4 +435,95 @@ def test_corrupt_safetensors_header_names_the_file(tmp_path):
     raw[8:20] = b"{not json!!!"
     (d / "model.safetensors").write_bytes(bytes(raw))
     with pytest.raises(ValueError, match=r"qwen2/model\.safetensors: not a readable safetensors file"):
+        hf.load_hf(d)
+
+
+def test_sharded_index_faults_name_the_index_and_the_shard(tmp_path):
+    d = copy_fixture("llama", tmp_path)
+    index_file = d / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shard = "model-00002-of-00003.safetensors"
+    first = next(name for name, file in index["weight_map"].items() if file == shard)
+    (d / shard).unlink()
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"index\.json: shard {shard} does not exist \(it should hold tensor {first!r} and \d+ other",
+    ):
+        hf.load_hf(d)
+    index_file.write_text('{"weight_map": {')
+    with pytest.raises(ValueError, match=r"llama/model\.safetensors\.index\.json: not valid JSON"):
+        hf.load_hf(d)
+    for broken in ({"metadata": {}}, {"weight_map": list(index["weight_map"])}):
+        index_file.write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=r"llama/model\.safetensors\.index\.json: no 'weight_map' object"):
+            hf.load_hf(d)
+
+
+def test_mixed_float_dtypes_are_cast_with_a_warning_naming_them(tmp_path, caplog):
+    d = copy_fixture("qwen2", tmp_path)
+    state = load_file(d / "model.safetensors")
+    state["model.norm.weight"] = state["model.norm.weight"].astype(np.float16)  # one float16 among float32
+    save_file(state, d / "model.safetensors")
+    with caplog.at_level("WARNING", logger="instructjax.hf"):
+        model = hf.load_hf(d)
+    scale = np.asarray(model.params["final_norm"]["scale"])
+    assert scale.dtype == np.float32 and np.array_equal(scale, state["model.norm.weight"].astype(np.float32))
+    assert re.search(
+        r"model\.safetensors: tensors have mixed dtypes \(F32: \d+ tensor.*; F16: 1 tensor\(s\) "
+        r"\('model\.norm\.weight'\)\); all are cast to param_dtype=float32",
+        caplog.text,
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.bool_])
+def test_non_float_tensor_is_refused_naming_it(tmp_path, dtype):
+    d = copy_fixture("gpt2", tmp_path)
+    state = load_file(d / "model.safetensors")
+    state["transformer.h.0.attn.c_proj.weight"] = state["transformer.h.0.attn.c_proj.weight"].astype(dtype)
+    save_file(state, d / "model.safetensors")
+    name = r"'transformer\.h\.0\.attn\.c_proj\.weight'"
+    with pytest.raises(
+        ValueError, match=rf"gpt2/model\.safetensors: tensor {name} has dtype (I8|BOOL), not a float dtype"
+    ):
+        hf.load_hf(d)
+
+
+def test_tokenizer_larger_than_the_embedding_is_refused_as_the_wrong_tokenizer(tmp_path):
+    d = copy_fixture("llama_rm", tmp_path)  # 64 embedding rows
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(FIXTURES / "gpt2" / name, d / name)  # 128 real tokens: another model's tokenizer
+    wrong = (
+        r"llama_rm/tokenizer\.json: tokenizer has 128 tokens but the embedding 'model\.embed_tokens\.weight' has "
+        r"64 rows \(vocab_size in config\.json\): likely the wrong tokenizer .* min_vocab_size=128"
+    )
+    with pytest.raises(ValueError, match=wrong):
+        hf.import_to_workdir(d, tmp_path / "work", mesh_shape=(1, 1, 1))
+    assert not (tmp_path / "work" / "checkpoints").exists()
+    with pytest.raises(ValueError, match=wrong):
+        hf.load_hf(d, tokenizer=d)
+    assert hf.load_hf(d, tokenizer=d, min_vocab_size=128).cfg.vocab_size == 128  # tokens added on purpose
+    # a tokenizer without a PAD token gets one extra id: that one row is padding, not a fault
+    d = copy_fixture("llama_rm", tmp_path / "added_pad")
+    tok = json.loads((d / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["<unused>"] = tok["model"]["vocab"].pop("<pad>")
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+    tok_config = json.loads((d / "tokenizer_config.json").read_text())
+    del tok_config["pad_token"]
+    (d / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    assert load_tokenizer(d).pad_id == 64
+    assert hf.load_hf(d, tokenizer=d).cfg.vocab_size == 65
+
+
+def test_config_missing_field_or_invalid_json_names_the_file_and_field(tmp_path):
+    d = copy_fixture("mistral", tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    for field in ("hidden_size", "model_type"):
+        (d / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != field}))
+        with pytest.raises(ValueError, match=rf"mistral/config\.json: missing field '{field}'"):
+            hf.load_hf(d)
+    (d / "config.json").write_text(json.dumps(config)[:-5])
+    with pytest.raises(ValueError, match=r"mistral/config\.json: not valid JSON"):
+        hf.load_hf(d)
+    (d / "config.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"mistral/config\.json: not a JSON object"):
         hf.load_hf(d)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import REPO, load_config, step_of_running_job
 
-from instructjax import checkpoint, reward, train_ppo, train_rm, train_sft
+from instructjax import checkpoint, loop, reward, train_ppo, train_rm, train_sft
 from instructjax.metrics import read_metrics
 
 TIMEOUT = 420  # seconds for one 2-process run on a loaded 2-core machine
@@ -50,14 +50,13 @@ def _start(script: str, workdir, overrides: dict) -> list[subprocess.Popen]:
     return children
 
 
-def _wait(children: list[subprocess.Popen], workdir) -> None:
+def _wait(children: list[subprocess.Popen], workdir, returncode: int = 0) -> None:
     deadline = time.time() + TIMEOUT
     for child in children:
         child.wait(timeout=max(deadline - time.time(), 1))
     logs = [(workdir.parent / f"{workdir.name}_{i}.log").read_text()[-3000:] for i in range(2)]
-    assert all(c.returncode == 0 for c in children), f"return codes {[c.returncode for c in children]}:\n" + "\n".join(
-        logs
-    )
+    codes = [c.returncode for c in children]
+    assert all(code == returncode for code in codes), f"return codes {codes}:\n" + "\n".join(logs)
 
 
 def run_two_processes(script: str, workdir, overrides: dict) -> None:
@@ -95,7 +94,7 @@ def test_sft_two_processes_match_one_through_preemption_and_kill(small_world, tm
     children = _start("train_sft", workdir, command)
     _wait_for_checkpoint(workdir, 4, children[0])
     children[1].send_signal(signal.SIGTERM)  # the notice reaches process 1 only
-    _wait(children, workdir)
+    _wait(children, workdir, returncode=loop.EXIT_PREEMPTED)  # both saved and said "try again"
     preempted_at = checkpoint.final_step(workdir)
     assert 4 <= preempted_at < 40, preempted_at
 

@@ -244,7 +244,7 @@ def _final_state(config, workdir):
 def test_bad_ppo_config_errors(sft_dir, rm_dir, tmp_path):
     with pytest.raises(ValueError, match="policy_from .* are required"):
         train_ppo.train(ppo_config("", rm_dir), tmp_path / "a")
-    with pytest.raises(ValueError, match="must hold a policy"):
+    with pytest.raises(ValueError, match=r"config.policy_from=\S+ must hold a policy \(head='lm'\)"):
         train_ppo.train(ppo_config(rm_dir, rm_dir), tmp_path / "b")
     with pytest.raises(ValueError, match="multiple of minibatch_size"):
         train_ppo.train(ppo_config(sft_dir, rm_dir, minibatch_size=24, batch_size=32), tmp_path / "c")

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import REPO, load_config, load_config_module
 
-from instructjax import ablate, ablate_report, stages, train_ppo, train_rm, train_sft
+from instructjax import ablate, ablate_report, loop, stages, train_ppo, train_rm, train_sft
 from instructjax.data import world_tasks
 
 
@@ -133,6 +133,7 @@ def test_pipeline_on_your_data_from_an_imported_hf_model(quick_job, tmp_path):
         assert 0.0 <= r["rm_win_rate_vs_sft"] <= 1.0 and r["pretrain_nll"] > 0, name
     assert results["rm"]["gold_accuracy"] is None
     assert "| base | – | – |" in (tmp_path / "job" / "report.md").read_text()
+    assert not (data / "tfds").exists() and (tmp_path / "job" / "tfds").is_dir()  # the cache is the job's
 
     (data / "prompts_test.jsonl").unlink()  # a missing file is named before anything runs
     with pytest.raises(FileNotFoundError, match="lacks prompts_test.jsonl"):
@@ -199,3 +200,45 @@ def test_small_ablation_sweep_a_failed_point_spares_the_others_and_a_rerun_skips
         ablate_report.plot(other, summary, tmp_path / f"{figure}.png")
         assert (tmp_path / f"{figure}.png").stat().st_size > 10_000
         assert len(ablate_report.table(other, summary).splitlines()) == 4  # head, rule, the init's row, the point
+
+
+def test_a_preempted_stage_stops_the_job_before_the_next_one_starts(tmp_path, monkeypatch):
+    """SIGTERM inside a stage: it saves and returns status 'preempted'; later stages must not start from its
+    half-trained checkpoint, and the pipeline's script exits with loop.EXIT_PREEMPTED."""
+    started = []
+
+    def preempted(config, workdir, *args):
+        started.append(pathlib.Path(workdir).name)
+        return {"status": "preempted", "step": 3, "total_steps": 6, "wall_seconds": 1.0}
+
+    monkeypatch.setattr(train_sft, "train", preempted)
+    monkeypatch.setattr(train_rm, "train", preempted)
+    with pytest.raises(loop.Preempted, match="base was preempted at step 3 of 6"):
+        stages.train_stages(load_config("configs/pipeline.py", "quick"), tmp_path)
+    assert started == ["base"]
+
+
+@pytest.mark.slow
+def test_evaluate_script_measures_as_the_pipeline_does(quick_job):
+    """scripts/evaluate.py with the pipeline's evaluation settings (its defaults are the default preset's; the
+    quick preset's are passed here) gives the report's numbers, the KL and its standard error included."""
+    config, job, results = quick_job
+    e = config.eval
+    command = [
+        sys.executable,
+        str(REPO / "scripts/evaluate.py"),
+        f"--rm={job / 'rm'}",
+        "--best=ppo_init",
+        f"--prompts_file={job / 'world/prompts_test.jsonl'}",
+        f"--pretrain_file={job / 'world/pretrain_heldout.jsonl'}",
+        f"--prompts={e.prompts}",
+        f"--kl_prompts={e.kl_prompts}",
+        f"--batch_size={e.batch_size}",
+        f"--max_new_tokens={e.max_new_tokens}",
+        *(f"--model={name}={job / name}" for name in ("sft", "ppo_init", "ppo_ptx")),
+    ]
+    out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO)
+    measured = json.loads(out.stdout[out.stdout.index("{") :])
+    for name in ("ppo_init", "ppo_ptx"):
+        for key in ("kl_to_sft", "kl_to_sft_se", "gold_score", "rm_score", "pretrain_nll"):
+            assert measured[name][key] == pytest.approx(results["models"][name][key], abs=1e-6), (name, key)

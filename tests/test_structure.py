@@ -13,7 +13,9 @@ every package above it: that is an edge too, unless the importer is inside that 
 
 import ast
 import dataclasses
+import importlib
 import pathlib
+import types
 from collections import deque
 from collections.abc import Iterable, Mapping
 
@@ -332,3 +334,49 @@ def test_import_graph_sees_every_form_of_import(fake_package):
         "instructjax/b.py:5 (inside def f): from . import a",
         "instructjax/hf/load.py:2 (inside class Loader): from instructjax.hf import helper",
     ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# References that resolve: after code moves between modules, ``module.name`` must still name something.
+
+
+def _module_aliases(tree: ast.Module) -> dict[str, str]:
+    """Local name -> the ``instructjax`` module it is bound to by the file's imports (``import instructjax.x as y``,
+    ``from instructjax import x``, ``from instructjax.data import x``); names that are not modules are left out
+    here and skipped by the caller (it checks ``hasattr`` only on modules)."""
+    aliases: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "instructjax":
+            for alias in node.names:
+                aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "instructjax" and alias.asname:
+                    aliases[alias.asname] = alias.name
+    return aliases
+
+
+def test_every_module_attribute_that_code_uses_exists():
+    """``stages.finished_summary`` after ``finished_summary`` moved to ``stage.py`` is an AttributeError only when
+    that line runs (in a slow test, or a user's run). Every ``x.name`` in the package, scripts, benchmarks and
+    tests, where ``x`` is an imported ``instructjax`` module, must name an attribute of that module."""
+    files = [*PACKAGE_DIR.rglob("*.py"), *(REPO / "scripts").glob("*.py"), *(REPO / "benchmarks").glob("*.py")]
+    files += (REPO / "tests").glob("*.py")
+    missing = []
+    for path in sorted(files):
+        tree = ast.parse(path.read_text(), str(path))
+        modules = {}
+        for local, dotted in _module_aliases(tree).items():
+            try:
+                module = importlib.import_module(dotted)
+            except ImportError:
+                continue  # a name imported from a module, not a module
+            if isinstance(module, types.ModuleType):
+                modules[local] = module
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)):
+                continue
+            module = modules.get(node.value.id)
+            if module is not None and isinstance(node.ctx, ast.Load) and not hasattr(module, node.attr):
+                missing.append(f"{_relative(path, PACKAGE_DIR)}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not missing, "references to names their module does not have:\n" + "\n".join(missing)

@@ -105,14 +105,16 @@ def test_crash_then_rerun_resumes_exactly(straight_run, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_rerun_finishes_identically(straight_run, tmp_path, monkeypatch):
+def test_sigterm_saves_and_rerun_finishes_identically(straight_run, tmp_path, monkeypatch, capsys):
     config, straight_dir, _ = straight_run
     real_check = steps.check_finite
     monkeypatch.setattr(steps, "check_finite", preempt_at(5))
     summary = train_sft.train(config, tmp_path)
     assert summary["status"] == "preempted" and checkpoint.final_step(tmp_path) == 5
     monkeypatch.setattr(steps, "check_finite", real_check)
+    capsys.readouterr()
     assert train_sft.train(config, tmp_path)["status"] == "done"
+    assert "[sft] resuming from step 5 of 8" in capsys.readouterr().out  # the rerun says where it picks up
     assert_same_params(final_params(config, tmp_path), final_params(config, straight_dir))
 
 

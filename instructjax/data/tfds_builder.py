@@ -10,9 +10,11 @@ normalised row of ``formats.py``.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
+import io
 import json
 import pathlib
 from collections.abc import Mapping
@@ -118,7 +120,12 @@ def build(
         with open(out_dir.parent / f"{out_dir.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             builder = make_builder()  # after the lock: it sees a build another process finished
-            builder.download_and_prepare()
+            if not (pathlib.Path(builder.data_dir) / "dataset_info.json").exists():  # not built yet
+                names = ", ".join(str(path) for path in splits.values())
+                print(f"[data] {kind}: validating and converting {names} -> {out_dir}", flush=True)
+            # TFDS announces a "download" of every dataset it prepares; these are local files, said above.
+            with contextlib.redirect_stdout(io.StringIO()):
+                builder.download_and_prepare()
         for split, report in builder.reports.items():
             if report.n_skipped:
                 print(f"[data] {kind}/{split}: {report.summary()}")

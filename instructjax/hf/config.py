@@ -84,7 +84,7 @@ def config_from_hf(
 ) -> tuple[ModelConfig, HFModelInfo]:
     """Our ``ModelConfig`` for a transformers ``config.json`` dict; anything the model cannot reproduce
     exactly (rope scaling, other activations, partial biases) is refused with the field named."""
-    model_type = hf.get("model_type")
+    model_type = _required(hf, "model_type", where)
     if model_type not in FAMILIES:
         raise _refuse(where, f"model_type={model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
     arch = (hf.get("architectures") or [CAUSAL_LM[model_type]])[0]

@@ -27,11 +27,11 @@ from jax.sharding import Mesh
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from instructjax import checkpoint, sharding
+from instructjax import checkpoint, sharding, stage
 from instructjax.hf.config import _BASE_PREFIX, HFModelInfo, config_from_hf, config_to_hf, family_of
 from instructjax.hf.tensors import _check, _Checkpoint, _entries, _Entry, _Map, _prefix, _to_host, hf_tensors
 from instructjax.model import ModelConfig, Transformer
-from instructjax.tokenizer import load_tokenizer
+from instructjax.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,27 @@ def _tqdm(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
     return tqdm(iterable, total=total, desc=desc, unit="tensor", dynamic_ncols=True)
 
 
+def _tokenizer_file(source: pathlib.Path) -> pathlib.Path:
+    """The file ``load_tokenizer(source)`` reads, for messages."""
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if source.is_dir() and (source / name).exists():
+            return source / name
+    return source
+
+
+def _check_tokenizer(where: pathlib.Path, tok: Tokenizer, embed: _Entry, rows: int, min_vocab_size: int) -> None:
+    """Every id of ``tok`` but an added PAD id (its last id, which gets a zero row) must have one of the
+    embedding's ``rows``: a tokenizer with more real tokens (beyond ``min_vocab_size``) is another model's."""
+    real = tok.vocab_size - 1 if tok.pad_id == tok.vocab_size - 1 else tok.vocab_size
+    if real > max(rows, min_vocab_size):
+        name = embed.source.name if isinstance(embed.source, _Map) else embed.path
+        raise ValueError(
+            f"{where}: tokenizer has {tok.vocab_size} tokens but the embedding {name!r} has {rows} rows "
+            f"(vocab_size in config.json): likely the wrong tokenizer (one of another model). To give tokens "
+            f"added on purpose zero rows, pass min_vocab_size={real}"
+        )
+
+
 def load_hf(
     directory: str | pathlib.Path,
     mesh: Mesh | None = None,
@@ -70,6 +91,7 @@ def load_hf(
     scan_layers: bool = False,
     dtype: str = "float32",
     param_dtype: str = "float32",
+    tokenizer: str | pathlib.Path | None = None,
     progress: bool = False,
 ) -> HFModel:
     """A HF model directory as ``(ModelConfig, params, HFModelInfo)``, params placed on ``mesh``
@@ -77,16 +99,24 @@ def load_hf(
 
     ``pad_vocab_to_multiple``: round the vocabulary up (zero rows) so it divides the mesh's tensor axis;
     ``min_vocab_size``: at least this many rows (a tokenizer's ``vocab_size`` when it adds a PAD id).
-    ``param_dtype`` is the storage dtype (tensors are cast); ``dtype`` the compute dtype of the config.
+    ``param_dtype`` is the storage dtype: every tensor is cast to it, so a checkpoint mixing float dtypes
+    (float32 norms beside bfloat16 weights) loads, with a warning naming them; an integer or bool tensor is
+    an error. ``dtype`` is the compute dtype of the config.
+    ``tokenizer``: the tokenizer (file or directory) the model will be used with; the vocabulary is raised
+    to its ``vocab_size`` (an added PAD id gets a zero row), and a tokenizer with more real tokens than
+    the embedding has rows (likely another model's) is an error.
+    Every check (files, config, tensor names/shapes/dtypes, tokenizer) runs before any tensor is read.
     """
     if mesh is None:
         mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    tokenizer_file = None if tokenizer is None else _tokenizer_file(pathlib.Path(tokenizer))
+    tok = None if tokenizer_file is None else load_tokenizer(tokenizer_file)
     ckpt = _Checkpoint(directory)
     try:
         cfg, info = config_from_hf(
             ckpt.config,
             pad_vocab_to_multiple=pad_vocab_to_multiple,
-            min_vocab_size=min_vocab_size,
+            min_vocab_size=max(min_vocab_size, tok.vocab_size if tok else 0),
             scan_layers=scan_layers,
             dtype=dtype,
             param_dtype=param_dtype,
@@ -95,6 +125,8 @@ def load_hf(
         prefix = _prefix(ckpt.weight_map, info.model_type)
         entries = _entries(cfg, info.model_type, prefix, info.vocab_size, info.reward_offset or 0.0)
         _check(ckpt, entries, cfg)
+        if tokenizer_file is not None and tok is not None:  # entries[0] is the embedding
+            _check_tokenizer(tokenizer_file, tok, entries[0], info.vocab_size, min_vocab_size)
         shapes, shardings = sharding.model_shardings(Transformer(cfg), mesh, rules)
         by_path: dict[str, list[_Entry]] = {}
         for e in entries:
@@ -250,6 +282,16 @@ def _mesh(shape: Sequence[int]) -> Mesh:
     return sharding.make_mesh(shape, devices=devices)
 
 
+def _usable_tokenizer(hf_dir: pathlib.Path) -> pathlib.Path | None:
+    """``hf_dir`` when ``load_tokenizer`` reads a tokenizer there, else None (with a warning)."""
+    try:
+        load_tokenizer(hf_dir)
+    except (ValueError, FileNotFoundError) as e:
+        log.warning("%s: tokenizer not usable by instructjax (%s); vocabulary not padded for it", hf_dir, e)
+        return None
+    return hf_dir
+
+
 def import_to_workdir(
     hf_dir: str | pathlib.Path,
     workdir: str | pathlib.Path,
@@ -265,29 +307,26 @@ def import_to_workdir(
 ) -> dict[str, Any]:
     """A HF model as a stage workdir: ``config.json`` (model, mesh, rules, tokenizer, the HF facts) and
     ``checkpoints/0/params`` (orbax), which ``checkpoint.load_params`` (``init_from``) and
-    ``evaluate.load_stage`` read. The tokenizer files are copied to ``workdir/tokenizer``.
+    ``stage.load_stage`` read. The tokenizer files are copied to ``workdir/tokenizer``.
 
-    ``min_vocab_size=None`` means the tokenizer's ``vocab_size`` when ``load_tokenizer`` reads it, so an
-    added PAD id has its embedding row (the training stages require model vocab >= tokenizer vocab)."""
+    The vocabulary is at least the tokenizer's ``vocab_size`` when ``load_tokenizer`` reads it, so an
+    added PAD id has its embedding row (the training stages require model vocab >= tokenizer vocab); a
+    tokenizer with more real tokens than the embedding has rows is refused (``load_hf``), unless
+    ``min_vocab_size`` asks for that many rows."""
     hf_dir, workdir = pathlib.Path(hf_dir).absolute(), pathlib.Path(workdir).absolute()
     if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
         raise FileExistsError(f"{workdir / 'checkpoints'} already holds checkpoints: convert into an empty workdir")
-    if min_vocab_size is None:
-        min_vocab_size = 0
-        try:
-            min_vocab_size = load_tokenizer(hf_dir).vocab_size
-        except (ValueError, FileNotFoundError) as e:
-            log.warning("%s: tokenizer not usable by instructjax (%s); vocabulary not padded for it", hf_dir, e)
     mesh = _mesh(mesh_shape)
     cfg, params, info = load_hf(
         hf_dir,
         mesh,
         rules,
         pad_vocab_to_multiple=pad_vocab_to_multiple,
-        min_vocab_size=min_vocab_size,
+        min_vocab_size=min_vocab_size or 0,
         scan_layers=scan_layers,
         dtype=dtype,
         param_dtype=param_dtype,
+        tokenizer=_usable_tokenizer(hf_dir),
         progress=progress,
     )
     tokenizer = ""
@@ -310,7 +349,7 @@ def import_to_workdir(
         manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
         manager.wait_until_finished()
     if jax.process_index() == 0:
-        (workdir / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        stage.write_config(workdir, config)
     return config
 
 
@@ -333,7 +372,7 @@ def export_workdir(
     its vocabulary row). ``reward_bias=None``: a reward model's ``reward_bias.json`` (written by the RM
     stage for its best checkpoint: export that one with ``best=True``), or 0 without one."""
     workdir = pathlib.Path(workdir)
-    config = json.loads((workdir / "config.json").read_text())
+    config = stage.read_config(workdir).to_dict()
     cfg = ModelConfig.from_dict(config["model"])
     mesh = _mesh(mesh_shape or config.get("mesh_shape", (1, -1, 1)))
     rules = sharding.as_rules(config.get("rules", sharding.DEFAULT_RULES))

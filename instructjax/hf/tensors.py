@@ -11,6 +11,12 @@ device needs (``safe_open(..., framework="numpy").get_slice``; bfloat16/float8 t
 no full copy of a sharded model ever sits on one device or host. Only safetensors are read: a
 pickle-only checkpoint (``pytorch_model.bin``) is refused, never unpickled, because unpickling runs
 arbitrary code.
+
+``_check`` validates every tensor before anything is read onto a device: present, of the shape
+``config.json`` implies, of a float dtype (an integer or bool tensor, e.g. a quantized checkpoint, is an
+error), and none left over. Tensors of different float dtypes are accepted and all cast to
+``param_dtype``, as transformers casts a checkpoint to its ``torch_dtype`` (exporters legitimately keep
+e.g. norms in float32 beside bfloat16 weights); the mix is logged as a warning naming the tensors.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import pathlib
 import re
@@ -33,6 +40,8 @@ from safetensors import safe_open
 
 from instructjax.hf.config import _BASE_PREFIX, family_of
 from instructjax.model import ModelConfig
+
+log = logging.getLogger(__name__)
 
 # Non-parameter buffers some exporters write (GPT-2's causal mask, old Llama's rotary frequencies).
 _BUFFERS = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq)$")
@@ -192,6 +201,34 @@ def _safetensors_header(path: pathlib.Path) -> dict[str, Any]:
         return {"__size__": size, **json.loads(f.read(size))}
 
 
+def _read_json_object(path: pathlib.Path) -> dict[str, Any]:
+    """A JSON file holding one object; anything else is an error naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object (got {type(value).__name__})")
+    return value
+
+
+def _read_index(index_file: pathlib.Path) -> dict[str, pathlib.Path]:
+    """``model.safetensors.index.json``'s ``weight_map`` (tensor -> shard path); every shard must exist."""
+    weight_map = _read_json_object(index_file).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_file}: no 'weight_map' object (tensor name -> shard file), not a safetensors index")
+    shards: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        shards.setdefault(str(file), []).append(name)
+    for file, names in shards.items():
+        if not (index_file.parent / file).is_file():
+            others = f" and {len(names) - 1} other tensor(s)" if len(names) > 1 else ""
+            raise FileNotFoundError(
+                f"{index_file}: shard {file} does not exist (it should hold tensor {names[0]!r}{others})"
+            )
+    return {name: index_file.parent / str(file) for name, file in weight_map.items()}
+
+
 class _Checkpoint:
     """The safetensors files of a HF model directory, opened lazily; errors name the file and tensor."""
 
@@ -202,10 +239,7 @@ class _Checkpoint:
         config_file = self.dir / "config.json"
         if not config_file.exists():
             raise FileNotFoundError(f"{config_file}: missing (a Hugging Face model directory has one)")
-        try:
-            self.config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_file}: not valid JSON ({e})") from e
+        self.config = _read_json_object(config_file)
         index_file = self.dir / "model.safetensors.index.json"
         self._stack = contextlib.ExitStack()
         self._handles: dict[pathlib.Path, Any] = {}
@@ -213,15 +247,7 @@ class _Checkpoint:
         self.weight_map: dict[str, pathlib.Path] = {}
         if index_file.exists():
             self.index = index_file
-            try:
-                weight_map = json.loads(index_file.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{index_file}: not a safetensors index ({e!r})") from e
-            for name, file in weight_map.items():
-                path = self.dir / file
-                if not path.exists():
-                    raise FileNotFoundError(f"{index_file}: tensor {name!r} is in {file}, which does not exist")
-                self.weight_map[name] = path
+            self.weight_map = _read_index(index_file)
             return
         files = sorted(self.dir.glob("*.safetensors"))
         if not files:
@@ -283,20 +309,25 @@ class _Checkpoint:
 
 
 def _check(ckpt: _Checkpoint, entries: Sequence[_Entry], cfg: ModelConfig) -> None:
-    """Every tensor the model needs exists with the right shape and a float dtype; nothing is left over."""
-    used = set()
+    """Every tensor the model needs exists with the right shape and a float dtype; nothing is left over.
+    Float dtypes may differ between tensors (e.g. float32 norms beside bfloat16 weights): every tensor is
+    cast to ``cfg.param_dtype``, as transformers casts to ``torch_dtype``, and the mix is logged."""
+    used: dict[str, str] = {}  # tensor -> safetensors dtype
     for e in entries:
         if not isinstance(e.source, _Map):
             continue
-        used.add(e.source.name)
         shape, dtype = ckpt.meta(e.source.name)
+        used[e.source.name] = dtype
         if shape != e.source.hf_shape:
             raise ValueError(
                 f"{ckpt.where(e.source.name)}: tensor {e.source.name!r} has shape {shape}, expected "
                 f"{e.source.hf_shape} from config.json (for our {e.path})"
             )
         if dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{ckpt.where(e.source.name)}: tensor {e.source.name!r} has dtype {dtype}, not a float")
+            raise ValueError(
+                f"{ckpt.where(e.source.name)}: tensor {e.source.name!r} has dtype {dtype}, not a float dtype "
+                f"({', '.join(sorted(_FLOAT_DTYPES))}) for our {e.path} (a quantized checkpoint? dequantize it first)"
+            )
     ignored = {"lm_head.weight"} if cfg.tie_embeddings and cfg.head == "lm" else set()
     extra = sorted(n for n in ckpt.weight_map if n not in used and n not in ignored and not _BUFFERS.search(n))
     if extra:
@@ -305,6 +336,22 @@ def _check(ckpt: _Checkpoint, entries: Sequence[_Entry], cfg: ModelConfig) -> No
             f"{ckpt.index}: {len(extra)} unexpected tensor(s) the model has no place for: {shown}"
             f"{' ...' if len(extra) > 5 else ''} (config.json and the weights disagree?)"
         )
+    _log_mixed_dtypes(ckpt, used, cfg.param_dtype)
+
+
+def _log_mixed_dtypes(ckpt: _Checkpoint, dtypes: dict[str, str], param_dtype: str) -> None:
+    """Warn, naming the tensors, when a checkpoint's float dtypes differ (all are cast to ``param_dtype``)."""
+    by_dtype: dict[str, list[str]] = {}
+    for name, dtype in dtypes.items():
+        by_dtype.setdefault(dtype, []).append(name)
+    if len(by_dtype) < 2:
+        return
+    ranked = sorted(by_dtype.items(), key=lambda kv: -len(kv[1]))
+    shown = "; ".join(
+        f"{dtype}: {len(names)} tensor(s) ({', '.join(repr(n) for n in names[:3])}{' ...' if len(names) > 3 else ''})"
+        for dtype, names in ranked
+    )
+    log.warning("%s: tensors have mixed dtypes (%s); all are cast to param_dtype=%s", ckpt.index, shown, param_dtype)
 
 
 def _prefix(names: Any, family: str) -> str:
