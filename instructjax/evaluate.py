@@ -160,19 +160,6 @@ def win_rate(scores: Sequence[float], baseline: Sequence[float]) -> float:
     return float(np.mean((a > b) + 0.5 * (a == b)))
 
 
-def kl_to_reference(
-    stage: Stage,
-    reference: Stage,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 16,
-    batch_size: int = 64,
-    seed: int = 0,
-) -> float:
-    """KL(π ‖ π_ref) per response on π's own samples: the mean of ``kl_estimate``."""
-    return kl_estimate(stage, reference, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)[0]
-
-
 def kl_estimate(
     stage: Stage,
     reference: Stage,
