@@ -26,11 +26,11 @@ from instructjax.tokenizer import Tokenizer, load_tokenizer
 def check_config(config: Any, mesh: Any, rules: Any) -> None:
     """Refuse a PPO config that cannot run, before anything is loaded or compiled, naming the key."""
     keys = ("batch_size", "minibatch_size", "max_new_tokens", "data.max_prompt_len", "eval_prompts", "temperature")
-    keys += ("eval_batch_size", "optim.lr", "value_optim.lr", "clip_eps", "value_clip", "data.ptx_len")
+    keys += ("eval_batch_size", "clip_eps", "value_clip", "data.ptx_len")
     configlib.check_positive(config, keys)
-    configlib.check_positive(
-        config, ("ptx_coef", "ptx_ratio", "num_iterations"), allow_zero=("ptx_coef", "num_iterations")
-    )
+    # A learning rate of 0 freezes that model (the tests check the first ratio that way); negative is nonsense.
+    zero_ok = ("ptx_coef", "num_iterations", "optim.lr", "value_optim.lr")
+    configlib.check_positive(config, ("ptx_ratio", *zero_ok), allow_zero=zero_ok)
     if not config.num_iterations and config.total_episodes <= 0:
         raise ValueError(f"config.total_episodes={config.total_episodes} must be > 0 (or set config.num_iterations)")
     if config.reward not in ("rm", "gold"):

@@ -141,8 +141,9 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
 
 def check_config(config: Any) -> None:
     """Refuse a config that cannot run, before anything is built or compiled, naming the key."""
-    keys = ("batch_size", "eval_batch_size", "data.max_len", "data.k_max", "optim.lr", "optim.grad_accum_steps")
+    keys = ("batch_size", "eval_batch_size", "data.max_len", "data.k_max", "optim.grad_accum_steps")
     configlib.check_positive(config, keys)
+    configlib.check_positive(config, ("optim.lr",), allow_zero=("optim.lr",))  # 0 freezes the params (tests do)
     configlib.check_positive(config, ("num_epochs", "num_steps"), allow_zero=("num_epochs", "num_steps"))
     if not config.num_steps and not config.num_epochs:
         raise ValueError("config.num_epochs and config.num_steps are both 0: set one (num_steps > 0 overrides)")

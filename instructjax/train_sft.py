@@ -48,8 +48,9 @@ class Data:
 
 def check_config(config: Any, score_fn: Callable | None = None) -> None:
     """Refuse a config that cannot run, before anything is built or compiled, naming the key."""
-    sizes = ("batch_size", "eval_batch_size", "data.max_len", "optim.lr", "optim.grad_accum_steps", "loss_chunk")
+    sizes = ("batch_size", "eval_batch_size", "data.max_len", "optim.grad_accum_steps", "loss_chunk")
     configlib.check_positive(config, sizes)
+    configlib.check_positive(config, ("optim.lr",), allow_zero=("optim.lr",))  # 0 freezes the params (tests do)
     counts = ("num_epochs", "num_steps", "data.ptx_fraction")
     configlib.check_positive(config, counts, allow_zero=counts)
     if not config.num_steps and not config.num_epochs:

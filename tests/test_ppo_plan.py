@@ -59,7 +59,7 @@ def test_training_and_aot_see_the_same_schedule(mesh_rules):
         ({"reward": "oracle"}, "config.reward='oracle'"),
         ({"temperature": -1.0}, r"config.temperature=-1.0 must be > 0"),
         ({"minibatch_size": 0}, r"config.minibatch_size=0 must be > 0"),
-        ({"value_optim.lr": 0.0}, r"config.value_optim.lr=0.0 must be > 0"),
+        ({"value_optim.lr": -1e-3}, r"config.value_optim.lr=-0.001 must be >= 0"),
         ({"num_iterations": 0, "total_episodes": 0}, r"config.total_episodes=0 must be > 0"),
         ({"max_new_tokens": 120}, r"max_prompt_len \+ config.max_new_tokens=136 exceeds the policy's 128 positions"),
         ({"data.ptx_len": 256}, r"config.data.ptx_len=256 exceeds the policy's 128 positions"),

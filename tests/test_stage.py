@@ -107,7 +107,7 @@ def test_padding_far_beyond_the_longest_row_is_reported(capsys):
     "config_file, updates, message",
     [
         ("configs/sft.py", {"batch_size": 0}, r"config.batch_size=0 must be > 0"),
-        ("configs/sft.py", {"optim.lr": -1e-3}, r"config.optim.lr=-0.001 must be > 0"),
+        ("configs/sft.py", {"optim.lr": -1e-3}, r"config.optim.lr=-0.001 must be >= 0"),
         ("configs/sft.py", {"num_epochs": 0.0}, r"num_epochs and config.num_steps are both 0"),
         ("configs/sft.py", {"data.ptx_fraction": 1.0}, r"ptx_fraction=1.0 must be in \[0, 1\)"),
         ("configs/sft.py", {"eval_batch_size": -8}, r"config.eval_batch_size=-8 must be > 0"),
