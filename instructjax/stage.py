@@ -124,7 +124,9 @@ def resolve_paths(config: dict, workdir: str | pathlib.Path) -> dict:
         value = pathlib.Path(section[key])
         if value.is_absolute():
             continue
-        candidates = [os.path.normpath(origin / value) for origin in origins] + [str(value.absolute())]
+        candidates = [os.path.normpath(origin / value) for origin in origins]
+        if not out.get("written_in"):  # written before paths were portable: relative to where the job ran
+            candidates.append(str(value.absolute()))
         section[key] = next((c for c in candidates if pathlib.Path(c).exists()), candidates[0])
     return out
 
