@@ -29,6 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data_dir = ""  # a directory with the world's jsonl file names (stages.DATA_FILES); "" = the synthetic world
     c.tokenizer = ""  # tokenizer.json / *.model / HF dir; "" = base_from's tokenizer, else <data>/tokenizer.json
     c.base_from = ""  # a stage workdir used as the base model (e.g. scripts/convert_hf.py's); "" = pretrain one
+    c.ppo_from = "ppo_init"  # PPO's start and KL reference: 'ppo_init' (the paper, App. C.3) or 'sft' (skips ppo_init)
     c.world = ml_collections.ConfigDict()  # rows per file of the synthetic world (instructjax/data/world.py)
     c.world.pretrain_train = 20_000
     c.world.pretrain_heldout = 1_000
@@ -56,6 +57,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ppo_init.num_epochs = 16.0
     c.ppo = ppo.get_config("tiny")  # stage 3, γ = 0 (policy_from / rm_from are filled in by the pipeline)
     c.ppo_ptx = ppo.get_config("tiny_ptx")  # stage 3, PPO-ptx: the paper's InstructGPT
+    c.logging = ml_collections.ConfigDict()  # metrics.jsonl and TensorBoard always; Weights & Biases if asked
+    c.logging.wandb = False  # needs `pip install wandb`; off by default
+    c.logging.wandb_project = "instructjax"
+    c.logging.wandb_mode = ""  # '' = wandb's default (WANDB_MODE); 'offline' logs to <workdir>/wandb, no network
     c.eval = ml_collections.ConfigDict()
     c.eval.prompts = 1000  # test prompts scored with the gold score
     c.eval.max_new_tokens = 16  # longer than any answer: a model that never stops is cut here

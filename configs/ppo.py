@@ -48,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.value_clip = 0.2  # around V_old (Ziegler et al. 2019's code, Huang et al. 2024; the paper: unstated); 0 = off
     c.gamma = 1.0  # no discount (the paper)
     c.lam = 0.95  # GAE λ (the paper leaves it open; Stiennon et al. 2020 App. B.1, Huang et al. 2024: 0.95)
+    c.value_coef = 1.0  # scales the value loss (Huang et al. 2024: 0.1); with its own optimizer only clipping sees it
     c.whiten_rewards = False  # optional reward whitening of Ziegler et al. 2019's code (the paper: not mentioned)
     c.reward = "rm"  # 'rm'; or 'gold': the synthetic world's gold score as the reward (an oracle ablation)
     c.use_missing_eos_penalty = True  # replace the score of a response without EOS (Huang et al. 2024, detail 23)
@@ -91,6 +92,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_batch_size = 200
     c.mesh_shape = (1, -1, 1)
     c.rules = [list(r) for r in model_presets.DEFAULT_RULES]
+    c.logging = ml_collections.ConfigDict()  # metrics.jsonl and TensorBoard always; Weights & Biases if asked
+    c.logging.wandb = False  # needs `pip install wandb`; off by default
+    c.logging.wandb_project = "instructjax"
+    c.logging.wandb_mode = ""  # '' = wandb's default (WANDB_MODE); 'offline' logs to <workdir>/wandb, no network
     c.seed = 0
     c.log_every = 1  # iterations
     c.eval_every = 25

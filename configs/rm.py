@@ -61,6 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.init_from = ""  # the SFT workdir (its latest params); "" = random init
     c.mesh_shape = (1, -1, 1)
     c.rules = [list(r) for r in model_presets.DEFAULT_RULES]
+    c.logging = ml_collections.ConfigDict()  # metrics.jsonl and TensorBoard always; Weights & Biases if asked
+    c.logging.wandb = False  # needs `pip install wandb`; off by default
+    c.logging.wandb_project = "instructjax"
+    c.logging.wandb_mode = ""  # '' = wandb's default (WANDB_MODE); 'offline' logs to <workdir>/wandb, no network
     c.seed = 0
     c.log_every = 10
     c.eval_every = 50

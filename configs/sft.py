@@ -65,6 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.select_by = "val_loss"  # which eval picks workdir/best: 'val_loss' or 'score' (a score_fn, e.g. RM score)
     c.mesh_shape = (1, -1, 1)  # (data, fsdp, tensor); -1 fills
     c.rules = [list(r) for r in model_presets.DEFAULT_RULES]  # logical axis -> mesh axes
+    c.logging = ml_collections.ConfigDict()  # metrics.jsonl and TensorBoard always; Weights & Biases if asked
+    c.logging.wandb = False  # needs `pip install wandb`; off by default
+    c.logging.wandb_project = "instructjax"
+    c.logging.wandb_mode = ""  # '' = wandb's default (WANDB_MODE); 'offline' logs to <workdir>/wandb, no network
     c.seed = 0  # init, dropout and data order
     c.log_every = 10  # steps between metrics.jsonl lines
     c.eval_every = 100  # steps between validation passes (and at the end)

@@ -57,6 +57,7 @@ class Settings:
     flops_per_token: float = 0.0  # training FLOPs per computed token, for the MFU column (0: no MFU)
     eval_at_start: bool = False  # also evaluate the initial params (step 0; not a candidate for ``best``)
     progress_keys: tuple[str, ...] = ("loss", "tokens_per_s", "mfu")  # logged metrics shown on the progress bar
+    wandb: dict | None = None  # Weights & Biases logging (``metrics.MetricsWriter``): project, mode, config; None: off
 
     def __post_init__(self):
         if self.select[1] not in ("min", "max"):
@@ -70,7 +71,13 @@ class Settings:
 
 def settings(config: Any, *, total_steps: int, select: tuple[str, str], **fields: Any) -> Settings:
     """The ``Settings`` of a stage: its config's ``stage``, ``log_every``, ``eval_every``, ``checkpoint_every``,
-    ``keep_checkpoints`` and ``nan_policy``, with ``total_steps``, ``select`` and any other field given."""
+    ``keep_checkpoints``, ``nan_policy`` and ``logging.wandb``, with ``total_steps``, ``select`` and any other
+    field given."""
+    logging = config.get("logging")
+    if logging is not None and logging.get("wandb", False):
+        fields.setdefault(
+            "wandb", {"project": logging.wandb_project, "mode": logging.wandb_mode, "config": config.to_dict()}
+        )
     return Settings(
         name=config.stage,
         total_steps=total_steps,
@@ -128,7 +135,7 @@ def run(
         print(f"[{s.name}] resuming from step {start_step} of {total_steps} ({workdir / 'checkpoints'})", flush=True)
 
     # ----------------------------------------------------------------- Loop
-    writer = metrics.MetricsWriter(workdir, total_steps, resume_step=start_step, desc=s.name)
+    writer = metrics.MetricsWriter(workdir, total_steps, resume_step=start_step, desc=s.name, wandb=s.wandb)
     peak = metrics.peak_flops_per_device() * jax.device_count()
     writer.write(
         start_step,

@@ -15,6 +15,7 @@ import contextlib
 import json
 import pathlib
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -78,12 +79,23 @@ def progress_label(label: str) -> Iterator[None]:
 
 class MetricsWriter:
     """Writes one JSON object per logged step to ``workdir/metrics.jsonl`` and the same scalars to
-    TensorBoard (``workdir/tb``); drives a tqdm progress bar."""
+    TensorBoard (``workdir/tb``) and, when ``wandb`` is given, to Weights & Biases; drives a tqdm progress bar.
 
-    def __init__(self, workdir: str | pathlib.Path, total_steps: int, resume_step: int = 0, desc: str = "train"):
+    ``wandb``: ``{"project", "mode", "config"}`` (``config.logging.wandb=True``). The run's id is kept in
+    ``workdir/wandb_run_id``, so a resumed stage continues the same run; ``mode='offline'`` (or
+    ``WANDB_MODE=offline``) writes it under ``workdir/wandb`` with no network, for ``wandb sync`` later."""
+
+    def __init__(
+        self,
+        workdir: str | pathlib.Path,
+        total_steps: int,
+        resume_step: int = 0,
+        desc: str = "train",
+        wandb: dict | None = None,
+    ):
         self.enabled = jax.process_index() == 0
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
-        self._tb = self._bar = None
+        self._tb = self._bar = self._wandb = None
         if not self.enabled:
             return
         if self.path.exists():  # keep what the restored checkpoint had already logged
@@ -95,6 +107,8 @@ class MetricsWriter:
         from tqdm.auto import tqdm
 
         self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
+        if wandb is not None:
+            self._wandb = _wandb_run(pathlib.Path(workdir), desc, **wandb)
         self._bar = tqdm(
             total=total_steps, initial=resume_step, desc=_progress_label or desc, dynamic_ncols=True, mininterval=1.0
         )
@@ -105,9 +119,11 @@ class MetricsWriter:
         clean = {k: _scalar(v) for k, v in metrics.items()}
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
-        for k, v in clean.items():
-            if isinstance(v, int | float):
-                self._tb.add_scalar(k, v, step)
+        scalars = {k: v for k, v in clean.items() if isinstance(v, int | float)}
+        for k, v in scalars.items():
+            self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
 
     def progress(self, step: int, **shown: float) -> None:
         if self.enabled:
@@ -130,6 +146,28 @@ class MetricsWriter:
         if self.enabled:
             self._bar.close()
             self._tb.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+
+
+def _wandb_run(workdir: pathlib.Path, name: str, project: str, mode: str, config: dict) -> Any:
+    """A Weights & Biases run for this stage workdir: the same run again when the stage resumes."""
+    try:
+        import wandb  # optional: pip install -e '.[wandb]'
+    except ImportError:
+        raise ImportError("config.logging.wandb=True but wandb is not installed: pip install wandb") from None
+    id_file = workdir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id + "\n")
+    return wandb.init(
+        project=project,
+        name=f"{workdir.name} ({name})",
+        id=run_id,
+        resume="allow",
+        dir=str(workdir),
+        config=config,
+        mode=mode or None,
+    )
 
 
 def _scalar(v: Any) -> Any:

@@ -143,12 +143,16 @@ def make_update(
             loss = loss + config.ptx_coef * ptx_loss
         return loss, stats
 
+    value_coef = config.get("value_coef", 1.0)
+
     def value_loss_fn(params, mb):
         tokens = jnp.concatenate([mb.prompt, mb.response], axis=1)
         mask = jnp.concatenate([mb.prompt_mask, mb.response_mask], axis=1)
         values = scoring.response_values(value_model, params, tokens, mask, mb.prompt.shape[1])
         loss, stats = losses.value_loss(values, mb.values, mb.returns, mb.response_mask, config.value_clip)
-        return loss, {**stats, "value_loss": loss}
+        # The value model has its own network and optimizer, so a coefficient (Huang et al. 2024 use 0.1) only
+        # scales its gradient: under Adam that matters through gradient clipping and eps alone.
+        return value_coef * loss, {**stats, "value_loss": loss}
 
     def update(state: PPOState, ro: rollout.Rollout, rows: jax.Array, ptx: dict | None) -> tuple[PPOState, dict]:
         mb = jax.tree.map(

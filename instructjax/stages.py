@@ -1,7 +1,8 @@
 """The main job: every stage in order on the synthetic world, then the evaluation and a report.
 
 ``run(config, workdir)`` (``configs/pipeline.py``): world -> base -> sft -> rm -> ppo_init -> ppo, ppo_ptx ->
-evaluation.
+evaluation. With ``config.ppo_from='sft'`` PPO starts from the SFT model and ``ppo_init`` is not trained (the
+TL;DR recipe's setting, as in Huang et al. 2024); the default ``'ppo_init'`` is the paper's.
 
 - ``base``: stage 0, the world's pretrained model.
 - ``sft``: the paper's SFT from the base model; the RM starts from it.
@@ -98,6 +99,9 @@ def train_stages(
     if config.base_from:  # e.g. a Hugging Face model imported with scripts/convert_hf.py
         stage_dirs["base"] = pathlib.Path(config.base_from).absolute()
         base_model = stage.read_config(stage_dirs["base"]).model
+    ppo_from = config.get("ppo_from", "ppo_init")
+    if ppo_from not in ("ppo_init", "sft"):
+        raise ValueError(f"config.ppo_from={ppo_from!r}: 'ppo_init' (the paper) or 'sft'")
     tokenizer = config.tokenizer
     if not tokenizer and config.base_from and (stage_dirs["base"] / "tokenizer").is_dir():
         tokenizer = str(stage_dirs["base"] / "tokenizer")  # where convert_hf.py puts the model's tokenizer
@@ -111,12 +115,20 @@ def train_stages(
             announce(name, f"given: {stage_dir}")
             seconds[name] = 0.0
             continue
+        if name == "ppo_init" and ppo_from == "sft":
+            announce(name, "not trained: PPO starts from sft (config.ppo_from)")
+            seconds[name] = 0.0
+            continue
+        if name in ("ppo", "ppo_ptx"):
+            init_from = ppo_from
         summary = stage.finished_summary(stage_dir)
         if summary is not None:
             announce(name, f"finished earlier ({summary['wall_seconds']:.0f} s), skipped")
             seconds[name] = summary["wall_seconds"]
             continue
         stage_config = config[name].copy_and_resolve_references()
+        if config.get("logging") is not None and config.logging.wandb:  # the job's tracking for every stage
+            stage_config.logging = config.logging.copy_and_resolve_references()
         label = announce(name, f"training from {init_from or 'scratch'} -> {stage_dir}")
         with metrics.progress_label(label):  # the stage's own bar shows its progress and ETA
             if name in ("ppo", "ppo_ptx"):  # data, tokenizer, model, template: the policy's stage
@@ -152,16 +164,20 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     """The whole job: ``train_stages`` for every stage, then the evaluation, ``results.json`` and the report."""
     workdir = pathlib.Path(workdir)
     world_dir, stage_dirs, seconds = train_stages(config, workdir)
+    ppo_from = config.get("ppo_from", "ppo_init")
+    if ppo_from == "sft":  # no ppo_init stage: nothing to evaluate or plot for it
+        stage_dirs = {name: path for name, path in stage_dirs.items() if name != "ppo_init"}
     has_gold = stage.is_synthetic_world(world_dir)  # the gold score is the synthetic world's; your data has none
     label = f"[pipeline] [{len(STAGES) + 2}/{len(STAGES) + 2}] evaluation"  # after the world and every stage
-    print(f"{label}: {len(POLICIES)} models on {config.eval.prompts} test prompts", flush=True)
+    n_models = sum(name in stage_dirs for name in POLICIES)
+    print(f"{label}: {n_models} models on {config.eval.prompts} test prompts", flush=True)
 
     # ------------------------------------------------------------------ evaluation
     start = time.perf_counter()
     prompts = [json.loads(line)["prompt"] for line in (world_dir / "prompts_test.jsonl").read_text().splitlines()]
     prompts = prompts[: config.eval.prompts]
     models = evaluate.compare_models(
-        {name: stage_dirs[name] for name in POLICIES},
+        {name: stage_dirs[name] for name in POLICIES if name in stage_dirs},
         baseline="sft",
         rm=reward.load_reward_model(stage_dirs["rm"]),
         prompts=prompts,
@@ -170,7 +186,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         max_new_tokens=config.eval.max_new_tokens,
         batch_size=config.eval.batch_size,
         gold=has_gold,
-        best=["ppo_init"],  # as PPO starts from it: the checkpoint its selection kept (train_ppo loads best)
+        best=[ppo_from],  # as PPO starts from it: the checkpoint its selection kept (train_ppo loads best)
         cache_dir=workdir / "tfds" if config.data_dir else None,
     )
     seconds["evaluation"] = time.perf_counter() - start
