@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.lam = 0.95  # GAE λ (the paper leaves it open; Stiennon et al. 2020 App. B.1, Huang et al. 2024: 0.95)
     c.value_coef = 1.0  # scales the value loss (Huang et al. 2024: 0.1); with its own optimizer only clipping sees it
     c.whiten_rewards = False  # optional reward whitening of Ziegler et al. 2019's code (the paper: not mentioned)
-    c.reward = "rm"  # 'rm'; or 'gold': the synthetic world's gold score as the reward (an oracle ablation)
+    c.reward = "rm"  # 'rm', 'gold' (oracle ablation), 'pkg.mod:fn', or a weighted sum: 'rm - 0.05*pkg.mod:fn'
     c.use_missing_eos_penalty = True  # replace the score of a response without EOS (Huang et al. 2024, detail 23)
     c.missing_eos_penalty = -1.0
 

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import optax
 
-from instructjax import configlib, optim, ppo_steps, sharding, stage
+from instructjax import configlib, optim, ppo_steps, reward_fns, sharding, stage
 from instructjax.model import ModelConfig, Transformer
 from instructjax.tokenizer import Tokenizer, load_tokenizer
 
@@ -33,8 +33,10 @@ def check_config(config: Any, mesh: Any, rules: Any) -> None:
     configlib.check_positive(config, ("ptx_ratio", *zero_ok), allow_zero=zero_ok)
     if not config.num_iterations and config.total_episodes <= 0:
         raise ValueError(f"config.total_episodes={config.total_episodes} must be > 0 (or set config.num_iterations)")
-    if config.reward not in ("rm", "gold"):
-        raise ValueError(f"config.reward={config.reward!r}: expected 'rm' or 'gold'")
+    try:  # the spec reads and its functions import ('gold' is checked against the data in train_ppo.make_data)
+        reward_fns.parse(config.reward, gold=reward_fns.no_eos)
+    except reward_fns.RewardError as e:
+        raise ValueError(f"config.reward={config.reward!r}: {e}") from None
     if config.nan_policy != "stop":
         raise ValueError(f"config.nan_policy={config.nan_policy!r}: PPO supports only 'stop'")
     for name in ("batch_size", "minibatch_size"):

@@ -8,6 +8,7 @@ the state of the four parameter sets (``PPOState``), the models, the rollout's s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -84,11 +85,13 @@ def abstract_state(
 
 
 def make_score(models: dict[str, Transformer], config: Any, eos_id: int, rm_bias: float) -> Callable:
-    """The jitted ``score(policy_params, value_params, frozen, batch, gen, kl_coef, oracle_scores) -> Rollout``:
-    ``rollout.score`` of the generated responses, then KL-shaped rewards, GAE and whitening (``rollout.finish``)."""
+    """The jitted ``score(policy_params, value_params, frozen, batch, gen, kl_coef, host_scores, rm_weight)
+    -> Rollout``: ``rollout.score`` of the generated responses (the reward: ``rm_weight`` × the RM plus the
+    host-computed ``host_scores``, ``reward_fns``), then KL-shaped rewards, GAE and whitening
+    (``rollout.finish``). ``rm_weight`` is static: a new weight compiles a new program."""
 
-    @jax.jit
-    def score(policy_params, value_params, frozen, batch, gen, kl_coef, oracle_scores):
+    @functools.partial(jax.jit, static_argnames=("rm_weight",))
+    def score(policy_params, value_params, frozen, batch, gen, kl_coef, host_scores, rm_weight=1.0):
         out = rollout.score(
             models,
             {"policy": policy_params, "value": value_params, **frozen},
@@ -101,7 +104,8 @@ def make_score(models: dict[str, Transformer], config: Any, eos_id: int, rm_bias
             missing_eos_penalty=config.missing_eos_penalty if config.use_missing_eos_penalty else None,
             temperature=config.temperature,
             minibatch_size=config.minibatch_size,
-            oracle_scores=oracle_scores,
+            rm_weight=rm_weight,
+            host_scores=host_scores,
         )
         return rollout.finish(out, kl_coef, config.gamma, config.lam, config.whiten_rewards)
 

@@ -133,10 +133,14 @@ def score(
     missing_eos_penalty: float | None,
     temperature: float,
     minibatch_size: int,
-    oracle_scores: jax.Array | None = None,
+    rm_weight: float = 1.0,
+    host_scores: jax.Array | None = None,
 ) -> Rollout:
     """Every model's view of the sampled responses (``models``/``params`` keyed policy, ref, value, rm).
-    ``oracle_scores`` [B] replaces the RM and its missing-EOS penalty (the gold-reward ablation)."""
+
+    The score (``reward_fns``): ``rm_weight`` × (the RM's score minus its bias, ``missing_eos_penalty`` for a
+    response without EOS) + ``host_scores`` [B] (the reward functions' weighted sum, computed on the host).
+    With ``rm_weight`` 0 the RM is not run and the score is ``host_scores`` alone (e.g. the gold score)."""
     tokens = jnp.concatenate([prompt, response], axis=1)
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
     p = prompt.shape[1]
@@ -155,12 +159,17 @@ def score(
     ref_logprobs, _ = logprobs_of("ref")
     values = scoring.response_values(models["value"], params["value"], tokens, mask, p)
     stopped = ((response == eos_id) & (response_mask > 0)).any(axis=1)
-    if oracle_scores is not None:  # the gold score already prices a missing EOS: no penalty on top
-        scores = oracle_scores
-    else:
+    scores = None
+    if rm_weight:
         scores = scoring.sequence_rewards(models["rm"], params["rm"], tokens, mask) - rm_bias
         if missing_eos_penalty is not None:
             scores = jnp.where(stopped, scores, missing_eos_penalty)
+        if rm_weight != 1.0:
+            scores = rm_weight * scores
+    if host_scores is not None:  # e.g. the gold score, which prices a missing EOS itself: no penalty on it
+        scores = host_scores if scores is None else scores + host_scores
+    if scores is None:
+        raise ValueError("a reward with rm_weight 0 needs host_scores")
     m = response_mask.astype(jnp.float32)
     return Rollout(
         prompt=prompt,

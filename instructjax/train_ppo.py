@@ -42,7 +42,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructjax import checkpoint, loop, ppo_setup, ppo_steps, reward, rollout, sampling, sharding, stage, workdir_lock
+from instructjax import (
+    checkpoint,
+    loop,
+    ppo_setup,
+    ppo_steps,
+    reward,
+    reward_fns,
+    rollout,
+    sampling,
+    sharding,
+    stage,
+    workdir_lock,
+)
 from instructjax.data import pipeline, tfds_builder, world_tasks
 from instructjax.model import ModelConfig, count_params
 
@@ -50,7 +62,8 @@ from instructjax.model import ModelConfig, count_params
 @dataclasses.dataclass
 class Data:
     """PPO's data: the prompt (and, for PPO-ptx, pretraining) iterators, checkpointed; the validation prompts;
-    the tokenizer and prompt template of the policy's stage; the world's gold score (None outside it)."""
+    the tokenizer and prompt template of the policy's stage; the world's gold score (None outside it); the
+    reward (``config.reward`` parsed, ``reward_fns``)."""
 
     iters: dict[str, Any]
     eval_prompts: list[str]
@@ -58,6 +71,7 @@ class Data:
     template: str
     fmt: pipeline.TextFormat
     gold_score: Callable[[str, str, bool], float] | None
+    reward: reward_fns.Reward
 
 
 def make_data(config: Any, plan: ppo_setup.Plan, policy_source: Any, opened: stage.Opened) -> Data:
@@ -77,20 +91,44 @@ def make_data(config: Any, plan: ppo_setup.Plan, policy_source: Any, opened: sta
     lines = (paths.world / d.eval_prompts_file).read_text().splitlines()
     eval_prompts = [json.loads(line)["prompt"] for line in lines][: config.eval_prompts]
     gold_score = world_tasks.gold_score if paths.synthetic else None
-    if config.reward == "gold" and gold_score is None:
-        raise ValueError(
-            f"config.reward='gold' needs the synthetic world's gold score; {paths.world} has no world.json"
-        )
-    return Data(iters, eval_prompts, tokenizer, template, fmt, gold_score)
+    gold = reward_fns.batch_of(gold_score) if gold_score else None
+    try:
+        reward_spec = reward_fns.parse(config.reward, gold=gold)
+    except reward_fns.RewardError as e:
+        raise ValueError(f"config.reward={config.reward!r}: {e} ({paths.world})") from None
+    return Data(iters, eval_prompts, tokenizer, template, fmt, gold_score, reward_spec)
 
 
 # ----------------------------------------------------------------------------------------------- the stage
 
 
-def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Run PPO (γ = ``config.ptx_coef`` = 0) or PPO-ptx; returns the summary (also ``summary.json``)."""
-    # ----------------------------------------------------------------- Set-up: sources, workdir, mesh, plan
-    wall_start = time.perf_counter()
+@dataclasses.dataclass
+class Session:
+    """PPO set up once (``setup``): what ``train`` drives with ``loop.run``, and what a notebook drives one
+    iteration at a time (``ppo_session``: ``step``, ``set_kl_coef``, ``set_reward``, ``rollout_samples``,
+    ``save``)."""
+
+    config: Any
+    opened: stage.Opened
+    plan: ppo_setup.Plan
+    data: Data
+    programs: Programs
+    frozen: dict[str, Any]
+    rm: reward.RewardModel
+    state: ppo_steps.PPOState
+    iteration: Callable[[ppo_steps.PPOState], tuple[ppo_steps.PPOState, dict]]
+    evaluate: Callable[[Any], dict[str, float]]
+    time_split: dict[str, float]
+    last: dict[str, Any]  # the last iteration's host rollout (``last['rollout']``)
+    history: list[dict]  # metrics of each iteration run by ``step``
+    n_params: int
+
+
+def setup(config: Any, workdir: str | pathlib.Path, *, reward_spec: Any = None) -> Session:
+    """Everything ``train`` does before its loop: config checks, the workdir, mesh, plan, data, the four
+    parameter sets loaded onto the mesh, the jitted programs, one iteration and the evaluation.
+    ``reward_spec`` (a ``reward_fns`` spec: a string, a callable or a ``Reward``) replaces ``config.reward``."""
+    # ----------------------------------------------------------------- Sources, workdir, mesh, plan
     if not config.policy_from or not config.rm_from:
         raise ValueError(
             "config.policy_from (the PPO-init SFT workdir) and config.rm_from (the RM workdir) are required"
@@ -106,44 +144,58 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     written = json.loads(config.to_json_best_effort())
     written["model"] = policy_source.model.to_dict()
     written["data"] = {**policy_source.data.to_dict(), **written["data"]}
+    opened = stage.open_stage(config, workdir, data=policy_source.data, written=written)
+    ppo_setup.check_same_tokenizer(
+        opened.tokenizer, stage.data_paths(rm_source.data, need_data=False).tokenizer, config
+    )
+    mesh, rules = opened.mesh, opened.rules
+    ppo = ppo_setup.plan(config, policy_cfg, value_cfg, mesh, rules)
+
+    # ----------------------------------------------------------------- Data (and the reward)
+    data = make_data(config, ppo, policy_source, opened)
+    if reward_spec is not None:
+        data = dataclasses.replace(data, reward=parse_reward(reward_spec, data))
+
+    # ----------------------------------------------------------------- Sharded state: four parameter sets
+    # Straight from the checkpoints onto the mesh (no random init): the policy and reference from the
+    # PPO-init SFT, the value model and the RM from the RM (both the selected, "best", params). The frozen
+    # copies are separate arrays because the trained ones are donated every update.
+    shapes, state_sh = ppo.shapes, ppo.state_sh
+    load_policy = lambda: checkpoint.load_params(config.policy_from, shapes.params, state_sh.params, best=True)
+    load_rm = lambda: checkpoint.load_params(config.rm_from, shapes.value_params, state_sh.value_params, best=True)
+    with sharding.use(mesh, rules):
+        new_state = jax.jit(lambda p, v: ppo.new_state(p, v, ppo.rng_data), out_shardings=state_sh)
+        state = new_state(load_policy(), load_rm())
+    frozen_dtype = jnp.dtype(config.frozen_dtype) if config.frozen_dtype else None
+    frozen = {"ref": _cast(load_policy(), frozen_dtype), "rm": _cast(load_rm(), frozen_dtype)}
+    rm_bias = reward.load_bias(config.rm_from)
+
+    # ----------------------------------------------------------------- Jitted pieces, one iteration, evaluation
+    programs = Programs(
+        score=ppo_steps.make_score(ppo.models, config, data.tokenizer.eos_id, rm_bias),
+        update=ppo_steps.make_update(
+            ppo.models, policy_cfg, config, ppo.tx_policy, ppo.tx_value, mesh, rules, state_sh
+        ),
+        new_kl_coef=jax.jit(lambda coef, kl: ppo_steps.kl_controller(config.kl, coef, kl, config.batch_size)),
+    )
+    time_split = {"generate": 0.0, "score": 0.0, "update": 0.0}  # seconds after compilation, summed
+    last: dict[str, Any] = {}
+    iteration = make_iteration(config, ppo, data, programs, frozen, mesh, rules, time_split, last)
+    rm = reward.RewardModel(stage.Stage(rm_source, value_cfg, frozen["rm"], data.tokenizer, mesh, rules), rm_bias)
+    evaluate = make_evaluate(config, policy_cfg, data, rm, mesh, rules)
+    n_params = count_params(state.params)
+    return Session(
+        config, opened, ppo, data, programs, frozen, rm, state, iteration, evaluate, time_split, last, [], n_params
+    )
+
+
+def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Run PPO (γ = ``config.ptx_coef`` = 0) or PPO-ptx; returns the summary (also ``summary.json``)."""
+    wall_start = time.perf_counter()
     with workdir_lock.hold(workdir):  # one run per workdir, released however the stage ends
-        opened = stage.open_stage(config, workdir, data=policy_source.data, written=written)
-        ppo_setup.check_same_tokenizer(
-            opened.tokenizer, stage.data_paths(rm_source.data, need_data=False).tokenizer, config
-        )
-        mesh, rules = opened.mesh, opened.rules
-        ppo = ppo_setup.plan(config, policy_cfg, value_cfg, mesh, rules)
-
-        # ----------------------------------------------------------------- Data
-        data = make_data(config, ppo, policy_source, opened)
-
-        # ----------------------------------------------------------------- Sharded state: four parameter sets
-        # Straight from the checkpoints onto the mesh (no random init): the policy and reference from the
-        # PPO-init SFT, the value model and the RM from the RM (both the selected, "best", params). The frozen
-        # copies are separate arrays because the trained ones are donated every update.
-        shapes, state_sh = ppo.shapes, ppo.state_sh
-        load_policy = lambda: checkpoint.load_params(config.policy_from, shapes.params, state_sh.params, best=True)
-        load_rm = lambda: checkpoint.load_params(config.rm_from, shapes.value_params, state_sh.value_params, best=True)
-        with sharding.use(mesh, rules):
-            new_state = jax.jit(lambda p, v: ppo.new_state(p, v, ppo.rng_data), out_shardings=state_sh)
-            state = new_state(load_policy(), load_rm())
-        frozen_dtype = jnp.dtype(config.frozen_dtype) if config.frozen_dtype else None
-        frozen = {"ref": _cast(load_policy(), frozen_dtype), "rm": _cast(load_rm(), frozen_dtype)}
-        rm_bias = reward.load_bias(config.rm_from)
-        n_params = count_params(state.params)
-
-        # ----------------------------------------------------------------- Jitted pieces and one iteration
-        programs = Programs(
-            score=ppo_steps.make_score(ppo.models, config, data.tokenizer.eos_id, rm_bias),
-            update=ppo_steps.make_update(
-                ppo.models, policy_cfg, config, ppo.tx_policy, ppo.tx_value, mesh, rules, state_sh
-            ),
-            new_kl_coef=jax.jit(lambda coef, kl: ppo_steps.kl_controller(config.kl, coef, kl, config.batch_size)),
-        )
-        time_split = {"generate": 0.0, "score": 0.0, "update": 0.0}  # seconds after compilation, summed
-        iteration = make_iteration(config, ppo, data, programs, frozen, mesh, rules, time_split)
-        rm = reward.RewardModel(stage.Stage(rm_source, value_cfg, frozen["rm"], data.tokenizer, mesh, rules), rm_bias)
-        evaluate = make_evaluate(config, policy_cfg, data, rm, mesh, rules)
+        # ----------------------------------------------------------------- Set-up (``setup``)
+        session = setup(config, workdir)
+        ppo, data = session.plan, session.data
 
         # ----------------------------------------------------------------- Train loop (instructjax/loop.py)
         settings = loop.settings(
@@ -153,28 +205,40 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
             eval_at_start=True,
             progress_keys=("rm_score", "gold_score", "kl", "ptx_loss"),
         )
-        start_info = {"params": n_params, "ptx_rows_per_minibatch": ppo.ptx_rows, "minibatches": ppo.minibatches}
-        with sharding.use(mesh, rules):
+        start_info = {
+            "params": session.n_params,
+            "ptx_rows_per_minibatch": ppo.ptx_rows,
+            "minibatches": ppo.minibatches,
+        }
+        with sharding.use(session.opened.mesh, session.opened.rules):
             result = loop.run(
                 settings,
-                opened.workdir,
-                state=state,
-                state_shardings=state_sh,
+                session.opened.workdir,
+                state=session.state,
+                state_shardings=ppo.state_sh,
                 iters=data.iters,
-                step_fn=iteration,
-                evaluate=evaluate,
+                step_fn=session.iteration,
+                evaluate=session.evaluate,
                 start_info=start_info,
                 lr_fn=lambda it: ppo.policy_lr(it * ppo.micro_per_iteration // config.optim.grad_accum_steps),
                 started_at=wall_start,
             )
 
         # ----------------------------------------------------------------- Finish
-        total = max(sum(time_split.values()), 1e-9)
-        split = {k: round(v / total, 3) for k, v in time_split.items()}
+        total = max(sum(session.time_split.values()), 1e-9)
+        split = {k: round(v / total, 3) for k, v in session.time_split.items()}
         print(f"[ppo] time split (after compilation): {split}")
         truncation = data.fmt.stats.as_dict()
-        summary = loop.summary(result, ppo.total_steps, params=n_params, time_split=split, truncation=truncation)
-        return stage.close_stage(opened.workdir, summary)
+        summary = loop.summary(
+            result, ppo.total_steps, params=session.n_params, time_split=split, truncation=truncation
+        )
+        return stage.close_stage(session.opened.workdir, summary)
+
+
+def parse_reward(reward_spec: Any, data: Data) -> reward_fns.Reward:
+    """A ``reward_fns`` spec against this data (``'gold'`` needs the synthetic world's gold score)."""
+    gold = reward_fns.batch_of(data.gold_score) if data.gold_score else None
+    return reward_fns.parse(reward_spec, gold=gold)
 
 
 # ----------------------------------------------------------------------------------------------- one iteration
@@ -198,10 +262,12 @@ def make_iteration(
     mesh: Any,
     rules: Any,
     time_split: dict[str, float],
+    last: dict[str, Any] | None = None,
 ) -> Callable[[ppo_steps.PPOState], tuple[ppo_steps.PPOState, dict]]:
     """``iteration(state) -> (state, metrics)``, one counted step of ``loop.run``: generate, score (KL-shaped
     rewards, GAE), ``ppo_epochs`` passes of shuffled minibatch updates, then the β update. After this process's
-    first iteration (which compiles), each phase's seconds are added to ``time_split``."""
+    first iteration (which compiles), each phase's seconds are added to ``time_split``; ``last['rollout']``
+    keeps the host copy of the latest rollout (already made for the metrics: no extra transfer)."""
     policy_cfg, tokenizer, iters = plan.policy_cfg, data.tokenizer, data.iters
     timed = {"iterations": 0}
 
@@ -223,14 +289,23 @@ def make_iteration(
         )
         jax.block_until_ready(gen)
         t1 = time.perf_counter()
-        golds = None if data.gold_score is None else _gold_scores(batch, gen, data.gold_score, tokenizer)
-        oracle = None
-        if config.reward == "gold":  # the ablation: optimise the gold score itself instead of the RM
-            oracle = sharding.put_global(np.asarray(golds, np.float32), mesh, rules)
-        ro = programs.score(state.params, state.value_params, frozen, batch, gen, state.kl_coef, oracle)
+        reward_spec, golds, host = data.reward, None, None
+        if data.gold_score is not None or reward_spec.host_terms:  # texts: for the gold score, reward functions
+            prompts, responses, stopped = _texts(batch, gen, tokenizer)
+            if data.gold_score is not None:
+                golds = [data.gold_score(p, r, s) for p, r, s in zip(prompts, responses, stopped, strict=True)]
+            where = f"PPO iteration {int(state.step) + 1}"
+            host = reward_fns.host_scores(reward_spec, prompts, responses, stopped, where)
+        if host is not None:  # the reward functions' sum (the gold ablation: the gold score alone)
+            host = sharding.put_global(host.astype(np.float32), mesh, rules)
+        ro = programs.score(
+            state.params, state.value_params, frozen, batch, gen, state.kl_coef, host, rm_weight=reward_spec.rm_weight
+        )
         host = sharding.to_host(ro)
         check_rollout_finite(host, int(state.step) + 1)  # before any update: the last checkpoint stays good
         stats = _rollout_stats(host, golds)
+        if last is not None:
+            last["rollout"] = host
         t2 = time.perf_counter()
         updates = []
         for epoch in range(config.ppo_epochs):
@@ -265,16 +340,25 @@ def make_iteration(
 VALIDATION_REWARD = "val_reward"
 
 
-def validation_reward(config: Any, rm_scores: Any, stopped: Any, golds: Any | None) -> float:
+def validation_reward(
+    config: Any, reward_spec: reward_fns.Reward, rm_scores: Any, stopped: Any, host: Any | None
+) -> float:
     """The mean reward training would give the validation responses, so that checkpoint selection optimises
-    what PPO optimises: the normalised RM score, replaced by the missing-EOS penalty for a response without
-    EOS as in ``rollout.score`` (when ``config.use_missing_eos_penalty``); the gold score for
-    ``config.reward='gold'``. (``val_rm_score``, logged beside it, is the RM's score alone.)"""
-    if config.reward == "gold":
-        return float(np.mean(golds))
-    scores = np.asarray(rm_scores, np.float64)
-    if config.use_missing_eos_penalty:
-        scores = np.where(np.asarray(stopped, bool), scores, config.missing_eos_penalty)
+    what PPO optimises, as ``rollout.score`` computes it: ``rm_weight`` × the normalised RM score (replaced by
+    the missing-EOS penalty for a response without EOS, when ``config.use_missing_eos_penalty``) plus the
+    reward functions' sum ``host`` (the gold score alone for ``config.reward='gold'``). (``val_rm_score``,
+    logged beside it, is the RM's score alone.)"""
+    scores = np.zeros(len(stopped), np.float64)
+    if reward_spec.rm_weight:
+        scores = np.asarray(rm_scores, np.float64)
+        if config.use_missing_eos_penalty:
+            scores = np.where(np.asarray(stopped, bool), scores, config.missing_eos_penalty)
+        if reward_spec.rm_weight != 1.0:
+            scores = reward_spec.rm_weight * scores
+        if host is not None:
+            scores = scores + host
+    elif host is not None:
+        scores = np.asarray(host, np.float64)
     return float(np.mean(scores))
 
 
@@ -297,11 +381,12 @@ def make_evaluate(
         texts, stopped = zip(*responses, strict=True)
         scores = reward.score_texts(rm, prompts, texts, stopped)
         result = {"val_rm_score": float(np.mean(scores))}
-        golds = None
         if data.gold_score is not None:
             golds = [data.gold_score(p, t, s) for p, t, s in zip(prompts, texts, stopped, strict=True)]
             result["val_gold_score"] = float(np.mean(golds))
-        result[VALIDATION_REWARD] = validation_reward(config, scores, stopped, golds)
+        templated = [data.template.format(prompt=p) for p in prompts]  # as the policy read them, like training's
+        host = reward_fns.host_scores(data.reward, templated, texts, stopped, "PPO evaluation")
+        result[VALIDATION_REWARD] = validation_reward(config, data.reward, scores, stopped, host)
         return result
 
     return evaluate
@@ -311,14 +396,16 @@ def _cast(params: Any, dtype: Any) -> Any:
     return params if dtype is None else jax.tree.map(lambda x: x.astype(dtype), params)
 
 
-def _gold_scores(batch: dict, gen: Any, gold_score, tokenizer) -> list[float]:
-    """The world's gold score of each sampled response of the global batch (on every process); the prompt
-    is decoded from its tokens (the world's template is ``{prompt}``, so that is the prompt text)."""
-    golds = []
+def _texts(batch: dict, gen: Any, tokenizer) -> tuple[list[str], list[str], list[bool]]:
+    """The global batch's prompts (decoded from their tokens: the text the policy read, its template applied),
+    responses (cut at the first EOS) and whether each stopped, on every process."""
+    prompts, responses, stopped = [], [], []
     for p, r in zip(*sharding.to_host((batch["prompt"], gen.tokens)), strict=True):
-        text, stopped = tokenizer.decode_response(r.tolist())
-        golds.append(gold_score(tokenizer.decode(p.tolist()), text, stopped))
-    return golds
+        text, stop = tokenizer.decode_response(r.tolist())
+        prompts.append(tokenizer.decode(p.tolist()))
+        responses.append(text)
+        stopped.append(stop)
+    return prompts, responses, stopped
 
 
 # The rollout's quantities, in the order a NaN spreads through them (the first non-finite one is its source).

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from instructjax import aot, ppo_setup, rollout, sharding, train_ppo
+from instructjax import aot, ppo_setup, reward_fns, rollout, sharding, train_ppo
 from instructjax.data import world_tasks
 from instructjax.tokenizer import load_tokenizer
 
@@ -92,11 +92,16 @@ def test_selection_scores_what_training_optimises():
     # The response without EOS gets the missing-EOS penalty, as in the rollouts, not its RM score.
     assert config.use_missing_eos_penalty
     expected = np.mean([0.5, config.missing_eos_penalty, -0.2])
-    assert train_ppo.validation_reward(config, scores, stopped, None) == pytest.approx(expected)
+    rm = reward_fns.parse("rm")
+    assert train_ppo.validation_reward(config, rm, scores, stopped, None) == pytest.approx(expected)
     config.use_missing_eos_penalty = False
-    assert train_ppo.validation_reward(config, scores, stopped, None) == pytest.approx(np.mean(scores))
-    config.reward = "gold"  # the gold-reward ablation optimises (and so selects on) the gold score
-    assert train_ppo.validation_reward(config, scores, stopped, [1.0, 0.0, 0.5]) == pytest.approx(0.5)
+    assert train_ppo.validation_reward(config, rm, scores, stopped, None) == pytest.approx(np.mean(scores))
+    gold = reward_fns.parse("gold", gold=lambda p, r, s: [1.0, 0.0, 0.5])  # the gold ablation selects on gold
+    assert train_ppo.validation_reward(config, gold, scores, stopped, np.array([1.0, 0.0, 0.5])) == pytest.approx(0.5)
+    # RM minus a length penalty: both parts, as rollout.score adds them
+    mixed = reward_fns.parse("2*rm - 0.5*instructjax.reward_fns:response_words")
+    host = np.array([-1.0, -0.5, -1.5])  # -0.5 × words
+    assert train_ppo.validation_reward(config, mixed, scores, stopped, host) == pytest.approx(np.mean([0.0, 3.5, -1.9]))
 
 
 def _host_rollout(**overrides):
