@@ -69,12 +69,13 @@ def raw_scores(
     batch_size: int = 64,
 ) -> np.ndarray:
     """Raw RM rewards of (prompt, response) texts, encoded as in RM training (template, EOS if ``stopped``,
-    the prompt cut from the left to fit ``data.max_len``)."""
+    the prompt cut from the left to fit ``data.max_len``; an RM imported from Hugging Face, which was never
+    trained here, has no ``data.max_len``: its positions, ``model.max_len``, bound the length instead)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     stopped = [True] * len(prompts) if stopped is None else list(stopped)
     tok, data = stage.tokenizer, stage.config.data
-    template, max_len = data.get("prompt_template", "{prompt}"), data.max_len
+    template, max_len = data.get("prompt_template", "{prompt}"), data.get("max_len", stage.model_cfg.max_len)
     divisor = sharding.batch_divisor(stage.mesh, stage.rules)
     batch_size = divisor * -(-batch_size // divisor)
     out = []

@@ -242,3 +242,46 @@ def test_evaluate_script_measures_as_the_pipeline_does(quick_job):
     for name in ("ppo_init", "ppo_ptx"):
         for key in ("kl_to_sft", "kl_to_sft_se", "gold_score", "rm_score", "pretrain_nll"):
             assert measured[name][key] == pytest.approx(results["models"][name][key], abs=1e-6), (name, key)
+
+
+NOTEBOOKS = {  # notebook: the figures it must draw
+    "reward_model": 4,
+    "ppo_step_by_step": 1,
+    "overoptimization": 1,
+    "hf_model": 1,
+}
+
+
+def test_notebooks_are_stored_without_outputs_and_install_themselves_first():
+    import nbformat
+
+    for path in sorted((REPO / "notebooks").glob("*.ipynb")):
+        notebook = nbformat.read(path, as_version=4)
+        code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+        assert all(not cell.outputs and cell.execution_count is None for cell in code), path.name
+        assert "INSTRUCTJAX_SOURCE" in code[0].source, path.name  # the Colab / Kaggle install cell
+    assert {p.stem for p in (REPO / "notebooks").glob("*.ipynb")} == {"quickstart", *NOTEBOOKS}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_and_draws_its_figures(name, quick_job, monkeypatch, tmp_path):
+    """Each notebook executes top to bottom on this module's finished quick job (docs/notebooks.md)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    _, workdir, _ = quick_job
+    monkeypatch.setenv("INSTRUCTJAX_QUICKSTART_WORKDIR", str(workdir))
+    monkeypatch.setenv("INSTRUCTJAX_NOTEBOOK_DIR", str(tmp_path))
+    notebook = nbformat.read(REPO / f"notebooks/{name}.ipynb", as_version=4)
+    NotebookClient(
+        notebook, timeout=600, startup_timeout=300, resources={"metadata": {"path": str(REPO / "notebooks")}}
+    ).execute()
+    outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
+    assert not [out for out in outputs if out.get("output_type") == "error"]
+    assert sum("image/png" in out.get("data", {}) for out in outputs) == NOTEBOOKS[name]
+    text = "".join(out.get("text", "") for out in outputs)
+    if name == "ppo_step_by_step":  # twelve iterations, one at a time, and a checkpoint train() resumes from
+        assert text.count("iteration ") >= 4 and "checkpoint at step 12" in text
+    if name == "hf_model":
+        assert "max |logit difference| after export and re-import: 0.0" in text
