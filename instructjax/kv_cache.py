@@ -1,5 +1,6 @@
 """The KV cache the decoder appends to while sampling (``Transformer(cfg).apply(..., cache=cache)``):
-an empty one (``init_cache``), one with more slots (``grow_cache``) and its leaves' logical axis names
+an empty one (``init_cache``), one with more slots (``grow_cache``), one with every row repeated
+(``repeat_cache``: a prompt prefilled once for several samples) and its leaves' logical axis names
 (``cache_logical_axes``, for sharding). ``init_cache`` returns an explicit pytree::
 
     {'layers': {'k': [L,B,K,S,H], 'v': [L,B,K,S,H]}  (a list of per-layer dicts when layers are not
@@ -51,6 +52,16 @@ def grow_cache(cfg: ModelConfig, cache: Cache, max_len: int) -> Cache:
         return jnp.pad(x, widths)
 
     return jax.tree.map(grow, cache_logical_axes(cfg), cache, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def repeat_cache(cfg: ModelConfig, cache: Cache, times: int) -> Cache:
+    """``cache`` with each row repeated ``times`` times in place (row i becomes rows i·times .. i·times + times
+    - 1): one prefilled prompt shared by its ``times`` samples (``sampling.generate(samples_per_prompt=)``)."""
+
+    def repeat(names, x):
+        return jnp.repeat(x, times, axis=names.index("batch")) if "batch" in names else x
+
+    return jax.tree.map(repeat, cache_logical_axes(cfg), cache, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def cache_logical_axes(cfg: ModelConfig) -> Cache:

@@ -79,6 +79,7 @@ class Linear(nn.Module):
     std: float = 0.02
     dtype: str = "float32"
     param_dtype: str = "float32"
+    out_dtype: str | None = None  # the matmul's output type (f32 logits from bf16 inputs); None: ``dtype``
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -86,7 +87,8 @@ class Linear(nn.Module):
         kernel = self.param("kernel", _init(self.std, self.axes), (*in_shape, *self.features), _dtype(self.param_dtype))
         x, kernel = x.astype(_dtype(self.dtype)), kernel.astype(_dtype(self.dtype))
         dims = ((tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract))), ((), ()))
-        y = jax.lax.dot_general(x, kernel, dims)
+        out_type = None if self.out_dtype is None else _dtype(self.out_dtype)
+        y = jax.lax.dot_general(x, kernel, dims, preferred_element_type=out_type)
         if self.use_bias:
             bias_axes = self.axes[self.contract :]
             y = y + self.param("bias", _zeros(bias_axes), self.features, _dtype(self.param_dtype)).astype(y.dtype)
@@ -324,8 +326,11 @@ class Transformer(nn.Module):
                 name="score_head",
             )
             out = head(x_btd)[..., 0].astype(jnp.float32)
-        elif cfg.tie_embeddings:
-            out = embed.attend(x_btd).astype(jnp.float32)
+        elif cfg.tie_embeddings and cfg.dtype == "float32":
+            out = embed.attend(x_btd)
+        elif cfg.tie_embeddings:  # bf16 inputs, f32 logits: rounding them to bf16 flips near-tied greedy picks
+            table = embed.embedding.astype(_dtype(cfg.dtype))
+            out = jnp.einsum("btd,vd->btv", x_btd.astype(table.dtype), table, preferred_element_type=jnp.float32)
         else:
             head = Linear(
                 (cfg.vocab_size,),
@@ -333,6 +338,7 @@ class Transformer(nn.Module):
                 std=cfg.init_std,
                 dtype=cfg.dtype,
                 param_dtype=cfg.param_dtype,
+                out_dtype=None if cfg.dtype == "float32" else "float32",
                 name="lm_head",
             )
             out = head(x_btd).astype(jnp.float32)

@@ -55,14 +55,19 @@ def check_config(config: Any, mesh: Any, rules: Any) -> None:
 
 
 def model_configs(
-    policy_model: Any, value_model: Any, sources: tuple[str, str] = ("config.policy_from", "config.rm_from")
+    policy_model: Any,
+    value_model: Any,
+    sources: tuple[str, str] = ("config.policy_from", "config.rm_from"),
+    compute_dtype: str = "",
 ) -> tuple[ModelConfig, ModelConfig]:
     """The policy's and the value/reward model's ``ModelConfig`` (from their stages' ``model`` sections), with
     dropout off (the first ratio is exactly 1). ``sources`` name where each came from, for the errors: the
     policy must be an LM and the reward model a scalar head, and they must share a vocabulary (PPO scores the
-    policy's tokens with the RM)."""
-    policy_cfg = dataclasses.replace(ModelConfig.from_dict(policy_model), dropout_rate=0.0)
-    value_cfg = dataclasses.replace(ModelConfig.from_dict(value_model), dropout_rate=0.0)
+    policy's tokens with the RM). ``compute_dtype`` (``config.compute_dtype``, e.g. 'bfloat16') replaces the
+    dtype all four models compute in; their params keep their own dtype (f32 master weights)."""
+    dtype = {"dtype": compute_dtype} if compute_dtype else {}
+    policy_cfg = dataclasses.replace(ModelConfig.from_dict(policy_model), dropout_rate=0.0, **dtype)
+    value_cfg = dataclasses.replace(ModelConfig.from_dict(value_model), dropout_rate=0.0, **dtype)
     if policy_cfg.head != "lm":
         raise ValueError(f"{sources[0]} must hold a policy (head='lm'); it holds a model with head={policy_cfg.head!r}")
     if value_cfg.head != "scalar":

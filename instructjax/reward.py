@@ -133,21 +133,22 @@ def best_of_n(
 ) -> list[dict[str, float]]:
     """Best-of-n under the RM against n (Gao et al. 2022): how much of the policy's own spread the RM can use.
 
-    ``max(ns)`` samples per prompt at temperature 1; for each n, ``draws`` random subsets of n samples per
+    ``max(ns)`` samples per prompt at temperature 1 (one ``sample_texts`` call: each prompt prefilled once for
+    all its samples); for each n, ``draws`` random subsets of n samples per
     prompt, and of each subset the RM's favourite (``rm_pick_gold``) and the gold-best (``oracle_gold``,
     what a perfect RM would pick), averaged; ``rm_pick_score`` is the RM's (the proxy's) score of its pick.
     ``kl`` is best-of-n's analytic KL to the policy, log n - (n - 1)/n. An RM that cannot rank the policy's
     samples gives ``rm_pick_gold`` flat in n.
     """
     total = max(ns)
-    golds, scores = np.zeros((len(prompts), total)), np.zeros((len(prompts), total))
-    for s in range(total):
-        texts, stopped = zip(
-            *sample_texts(policy, prompts, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + s),
-            strict=True,
-        )
-        golds[:, s] = [gold_score(p, t, st) for p, t, st in zip(prompts, texts, stopped, strict=True)]
-        scores[:, s] = score_texts(rm, prompts, texts, stopped)
+    samples = sample_texts(
+        policy, prompts, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed, samples_per_prompt=total
+    )
+    texts, stopped = zip(*samples, strict=True)
+    repeated = [p for p in prompts for _ in range(total)]  # prompt i's samples are items i·total .. (i+1)·total - 1
+    golds = np.asarray([gold_score(p, t, st) for p, t, st in zip(repeated, texts, stopped, strict=True)])
+    golds = golds.reshape(len(prompts), total)
+    scores = np.asarray(score_texts(rm, repeated, texts, stopped)).reshape(len(prompts), total)
     rng, rows, out = np.random.default_rng(seed), np.arange(len(prompts)), []
     for n in ns:
         picks, pick_scores, oracle = [], [], []

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructjax.kv_cache import grow_cache, init_cache
+from instructjax.kv_cache import grow_cache, init_cache, repeat_cache
 from instructjax.model import ModelConfig, Transformer, unembedding
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -253,9 +253,21 @@ def _scaled_logits(head_vd: jax.Array, hidden_bd: jax.Array, inverse_t: jax.Arra
     return jnp.einsum("vd,bd->vb", head_vd, hidden_bd).astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "samples_per_prompt"))
 def _generate_cached(
-    params, prompt_bt, prompt_mask_bt, rng, temperature, top_p, eos_id, pad_id, *, cfg, max_new_tokens, top_k
+    params,
+    prompt_bt,
+    prompt_mask_bt,
+    rng,
+    temperature,
+    top_p,
+    eos_id,
+    pad_id,
+    *,
+    cfg,
+    max_new_tokens,
+    top_k,
+    samples_per_prompt=1,
 ):
     model = Transformer(cfg)
     batch, prompt_len = prompt_bt.shape
@@ -264,6 +276,9 @@ def _generate_cached(
     # Prefill; only the last prompt position needs logits (the head over every position is P times
     # the work, and the head is the largest matmul of the model).
     hidden, cache = model.apply({"params": params}, prompt_bt, prompt_mask_bt, cache=cache, return_hidden=True)
+    if samples_per_prompt > 1:  # each prompt prefilled once; its rows of the cache copied for its samples
+        cache = repeat_cache(cfg, cache, samples_per_prompt)
+        hidden = jnp.repeat(hidden[:, -1:], samples_per_prompt, axis=0)
 
     def step(cache, token_b, t):
         hidden, cache = model.apply({"params": params}, token_b[:, None], cache=cache, return_hidden=True)
@@ -278,11 +293,25 @@ def _generate_cached(
     return _decode_loop(step, last_logits, cache, rng, *args, grow=grow)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "samples_per_prompt"))
 def _generate_recompute(
-    params, prompt_bt, prompt_mask_bt, rng, temperature, top_p, eos_id, pad_id, *, cfg, max_new_tokens, top_k
+    params,
+    prompt_bt,
+    prompt_mask_bt,
+    rng,
+    temperature,
+    top_p,
+    eos_id,
+    pad_id,
+    *,
+    cfg,
+    max_new_tokens,
+    top_k,
+    samples_per_prompt=1,
 ):
     model = Transformer(cfg)
+    prompt_bt = jnp.repeat(prompt_bt, samples_per_prompt, axis=0)  # the reference path: no sharing
+    prompt_mask_bt = jnp.repeat(prompt_mask_bt, samples_per_prompt, axis=0)
     batch, prompt_len = prompt_bt.shape
     buffer = jnp.concatenate([prompt_bt, jnp.full((batch, max_new_tokens), pad_id, jnp.int32)], axis=1)
     buffer_mask = jnp.concatenate([prompt_mask_bt, jnp.zeros((batch, max_new_tokens), jnp.int32)], axis=1)
@@ -316,8 +345,13 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     use_cache: bool = True,
+    samples_per_prompt: int = 1,
 ) -> Generation:
     """Sample up to ``max_new_tokens`` tokens after each left-padded prompt (``pad_prompts``).
+
+    ``samples_per_prompt`` = K draws K samples of every prompt in one call: rows i·K .. i·K + K - 1 of the
+    output are prompt i's. The prompt is prefilled once and its cache rows copied for its K samples, so
+    the prefill costs what it does for K = 1 (the decode steps run B·K rows).
 
     Runs wherever its inputs live: under ``sharding.use(mesh, rules)`` with sharded params and a
     batch from ``sharding.to_global`` it runs sharded (batch over data/fsdp, heads over tensor).
@@ -335,10 +369,13 @@ def generate(
             raise ValueError(
                 f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds model.max_len={cfg.max_len}"
             )
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt={samples_per_prompt} must be >= 1")
     fn = _generate_cached if use_cache else _generate_recompute
     scalars = [jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32)]
     scalars += [jnp.asarray(eos_id, jnp.int32), jnp.asarray(pad_id, jnp.int32)]
-    return fn(params, prompt_bt, prompt_mask_bt, rng, *scalars, cfg=cfg, max_new_tokens=max_new_tokens, top_k=top_k)
+    static = dict(cfg=cfg, max_new_tokens=max_new_tokens, top_k=top_k, samples_per_prompt=samples_per_prompt)
+    return fn(params, prompt_bt, prompt_mask_bt, rng, *scalars, **static)
 
 
 def trace_generate(

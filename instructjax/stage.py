@@ -265,8 +265,11 @@ def sample_texts(
     top_p: float = 1.0,
     seed: int = 0,
     template: str | None = None,
+    samples_per_prompt: int = 1,
 ) -> list[tuple[str, bool]]:
-    """``(response text before EOS, whether it stopped)`` for each prompt, in order.
+    """``(response text before EOS, whether it stopped)`` for each prompt, in order; with
+    ``samples_per_prompt`` = K, K of them per prompt (prompt i's are items i·K .. i·K + K - 1), each prompt
+    prefilled once for its K samples (``sampling.generate``).
 
     Prompts are batched ``batch_size`` at a time (the last batch padded with repeats, which are dropped),
     so every call of one size compiles once per prompt bucket.
@@ -288,9 +291,10 @@ def sample_texts(
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,
+                samples_per_prompt=samples_per_prompt,
             )
             gen_tokens = sharding.to_host(gen.tokens)
-            out += [tok.decode_response(gen_tokens[i].tolist()) for i in range(n)]
+            out += [tok.decode_response(gen_tokens[i].tolist()) for i in range(n * samples_per_prompt)]
     return out
 
 

@@ -138,6 +138,7 @@ def setup(config: Any, workdir: str | pathlib.Path, *, reward_spec: Any = None) 
         policy_source.model,
         rm_source.model,
         (f"config.policy_from={config.policy_from}", f"config.rm_from={config.rm_from}"),
+        config.get("compute_dtype", ""),
     )
     # Self-describing: the policy's model and data settings come along, so stage.load_stage, scripts/sample.py
     # and convert_hf read a PPO workdir like any other stage.

@@ -207,6 +207,31 @@ def test_sharded_sampling_equals_one_device():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny", "tiny_llama_scan"])
+def test_samples_per_prompt_share_one_prefill_and_equal_the_repeated_prompts(preset):
+    cfg = make_cfg("tiny_llama", scan_layers=True) if preset == "tiny_llama_scan" else make_cfg(preset)
+    params = params_for(cfg)
+    tokens, mask = sampling.pad_prompts(PROMPTS, pad_id=0, buckets=(16,))
+    kw = dict(max_new_tokens=8, eos_id=1)
+    # Greedy: each prompt's K rows are its K = 1 output (the cache rows are copies of one prefill).
+    one = sampling.generate(params, cfg, tokens, mask, jax.random.key(0), temperature=0.0, **kw)
+    four = sampling.generate(params, cfg, tokens, mask, jax.random.key(0), temperature=0.0, samples_per_prompt=4, **kw)
+    np.testing.assert_array_equal(four.tokens, np.repeat(np.asarray(one.tokens), 4, axis=0))
+    np.testing.assert_allclose(four.logprobs, np.repeat(np.asarray(one.logprobs), 4, axis=0), atol=1e-5, rtol=0)
+    # Sampled: the same draws as the prompts repeated by hand and decoded without a cache, and K different rows.
+    shared = sampling.generate(params, cfg, tokens, mask, jax.random.key(5), samples_per_prompt=3, **kw)
+    repeated = sampling.generate(
+        params, cfg, np.repeat(tokens, 3, axis=0), np.repeat(mask, 3, axis=0), jax.random.key(5), use_cache=False, **kw
+    )
+    np.testing.assert_array_equal(shared.tokens, repeated.tokens)
+    np.testing.assert_allclose(shared.logprobs, repeated.logprobs, atol=1e-5, rtol=0)
+    rows = np.asarray(shared.tokens).reshape(len(PROMPTS), 3, -1)
+    assert any(len({r.tobytes() for r in group}) > 1 for group in rows)
+    with pytest.raises(ValueError, match="samples_per_prompt=0 must be >= 1"):
+        sampling.generate(params, cfg, tokens, mask, jax.random.key(0), samples_per_prompt=0, **kw)
+
+
+@pytest.mark.slow
 def test_bf16_generation_runs_and_mostly_agrees_with_f32():
     cfg = make_cfg("tiny")
     params = params_for(cfg)
