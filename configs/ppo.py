@@ -36,7 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.max_prompt_len = 16  # prompt tokens (left-padded; longer prompts cut from the left, counted)
     c.data.skip_bad = False
 
-    c.batch_size = 64  # episodes (prompts) per iteration (the paper: 512)
+    c.batch_size = 64  # episodes per iteration (the paper: 512)
+    c.samples_per_prompt = 1  # episodes per prompt: batch_size / K prompts, each prefilled once for its K samples
     c.minibatch_size = 16  # episodes per update (the paper: 64)
     c.ppo_epochs = 1  # passes over each rollout batch (the paper: 1)
     c.total_episodes = 6400  # the paper: 256k

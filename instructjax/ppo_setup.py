@@ -41,6 +41,11 @@ def check_config(config: Any, mesh: Any, rules: Any) -> None:
         raise ValueError(f"config.nan_policy={config.nan_policy!r}: PPO supports only 'stop'")
     for name in ("batch_size", "minibatch_size"):
         sharding.check_batch_size(f"config.{name}", config[name], mesh, rules)
+    k = config.get("samples_per_prompt", 1)
+    if k < 1 or config.batch_size % k:
+        raise ValueError(f"config.samples_per_prompt={k} must be >= 1 and divide config.batch_size={config.batch_size}")
+    if k > 1:  # the prompts of an iteration are sharded over the batch axes like its episodes
+        sharding.check_batch_size("config.batch_size / config.samples_per_prompt", config.batch_size // k, mesh, rules)
     if config.batch_size % config.minibatch_size:
         raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of minibatch_size")
     if config.ppo_epochs <= 0:

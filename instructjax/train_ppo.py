@@ -32,6 +32,7 @@ the RNG are in the checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -82,7 +83,8 @@ def make_data(config: Any, plan: ppo_setup.Plan, policy_source: Any, opened: sta
     fmt = pipeline.TextFormat(tokenizer, policy_source.data.max_len, d.max_prompt_len, template)
     prompt_src = tfds_builder.build("prompts", {"train": paths.world / d.prompts_file}, paths.cache, d.skip_bad)
     block = sharding.batch_block(mesh, rules)  # this process's rows of every batch
-    prompts = pipeline.prompt_batches(prompt_src["train"], fmt, config.batch_size, config.seed, shard=block)
+    per_batch = config.batch_size // config.get("samples_per_prompt", 1)  # prompts per iteration
+    prompts = pipeline.prompt_batches(prompt_src["train"], fmt, per_batch, config.seed, shard=block)
     iters = {"prompts": iter(prompts)}
     if plan.ptx_rows:
         ptx_src = tfds_builder.build("pretrain", {"train": paths.world / d.pretrain_file}, paths.cache)["train"]
@@ -271,6 +273,11 @@ def make_iteration(
     keeps the host copy of the latest rollout (already made for the metrics: no extra transfer)."""
     policy_cfg, tokenizer, iters = plan.policy_cfg, data.tokenizer, data.iters
     timed = {"iterations": 0}
+    samples_per_prompt = config.get("samples_per_prompt", 1)
+    # The prompt arrays [B/K, P] and row_valid [B/K], repeated into batch-sharded [B, ...] (K = samples_per_prompt)
+    repeat_k = functools.partial(jnp.repeat, repeats=samples_per_prompt, axis=0)
+    repeat = {ndim: jax.jit(repeat_k, out_shardings=sharding.batch_sharding(mesh, rules, ndim)) for ndim in (1, 2)}
+    repeat_rows = lambda b: {k: repeat[v.ndim](v) for k, v in b.items()}
 
     def iteration(state: ppo_steps.PPOState) -> tuple[ppo_steps.PPOState, dict]:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -287,7 +294,10 @@ def make_iteration(
             eos_id=tokenizer.eos_id,
             pad_id=tokenizer.pad_id,
             temperature=config.temperature,
+            samples_per_prompt=samples_per_prompt,
         )
+        if samples_per_prompt > 1:  # episode i·K + j is prompt i's j-th sample: its prompt row, repeated
+            batch = repeat_rows(batch)
         jax.block_until_ready(gen)
         t1 = time.perf_counter()
         reward_spec, golds, host = data.reward, None, None

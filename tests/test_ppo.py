@@ -253,3 +253,21 @@ def test_bad_ppo_config_errors(sft_dir, rm_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         train_ppo.train(ppo_config(tmp_path / "nowhere", rm_dir), tmp_path / "d")
     assert json.loads((tmp_path / "c" / "config.json").read_text())["minibatch_size"] == 24
+
+
+@pytest.mark.slow
+def test_k_samples_per_prompt_rollouts_share_their_prompts(sft_dir, rm_dir, tmp_path):
+    from instructjax import ppo_session
+
+    config = ppo_config(sft_dir, rm_dir, num_iterations=1, batch_size=32, samples_per_prompt=4)
+    session = train_ppo.setup(config, tmp_path)
+    metrics = ppo_session.step(session)
+    assert metrics["finite"]
+    episodes = ppo_session.rollout_samples(session)
+    assert len(episodes) == config.batch_size  # 32 episodes: 8 prompts (one per batch shard) x 4 samples
+    prompts = [e["prompt"] for e in episodes]
+    groups = [prompts[i : i + 4] for i in range(0, 32, 4)]
+    assert all(len(set(g)) == 1 for g in groups) and len({g[0] for g in groups}) > 1
+    for bad, message in ((3, "must be >= 1 and divide config.batch_size=32"), (8, "batch_size / config.samples_per")):
+        with pytest.raises(ValueError, match=message):
+            train_ppo.setup(ppo_config(sft_dir, rm_dir, batch_size=32, samples_per_prompt=bad), tmp_path / f"b{bad}")
