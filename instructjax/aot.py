@@ -15,7 +15,9 @@ The programs compiled are the ones training runs, built by the same functions:
   over ``train_sft.make_loss_fn``; batch ``tokens, mask, loss_mask [B,T]``, ``row_valid [B]`` (+ ``segment_ids``
   for packed pretraining, + the ``ptx_*`` rows of ``data.ptx_fraction``, ``train_sft.ptx_rows_per_step``).
 - RM ('rm'): the same over ``train_rm.make_loss_fn``; batch ``tokens, mask [B,K,T]``, ``valid [B,K]``,
-  ``pair_mask [B,K,K]``, ``row_valid [B]``.
+  ``pair_mask [B,K,K]``, ``row_valid [B]``; packed (``data.pack_rows = R``), the training batch is
+  ``tokens, mask [R,T]``, ``slots, valid [G,K]``, ``pair_mask [G,K,K]``, ``row_valid [G]``
+  (G = ``train_rm.packed_groups``).
 - PPO ('ppo'): ``train_step`` is ``ppo_steps.make_update`` (one minibatch: policy + value Adam steps, and
   the ptx term on ``ppo_steps.ptx_rows_per_minibatch`` pretraining rows); ``rollout`` is the program of
   ``sampling.generate`` (prefill + decode loop over the KV cache) for ``batch_size`` prompts of
@@ -150,6 +152,12 @@ def _rm_programs(config, mesh, rules, devices: int, what: str, log) -> list[Prog
     b, k = config.batch_size, 2 if config.data.pairs_as_examples else config.data.k_max
     flops = _model_flops(cfg, b * k, config.data.max_len, devices)
     train, evaluation = spec(b, k), spec(config.eval_batch_size, config.data.k_max)  # validation: always grouped
+    if rows := config.data.get("pack_rows", 0):  # pipeline.packed_comparison_batches
+        sharding.check_batch_size("config.data.pack_rows", rows, mesh, rules)
+        g, t = train_rm.packed_groups(rows, sharding.batch_divisor(mesh, rules)), config.data.max_len
+        flops = _model_flops(cfg, rows, t, devices)
+        train = {**spec(g, k), "tokens": ((rows, t), jnp.int32), "mask": ((rows, t), jnp.int32)}
+        train["slots"] = ((g, k), jnp.int32)
     loss_fn = train_rm.make_loss_fn(Transformer(cfg))
     return _step_programs(config, cfg, loss_fn, train, evaluation, flops, mesh, rules, what, log)
 

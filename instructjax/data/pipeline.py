@@ -20,6 +20,14 @@ Batch conventions (numpy, B rows; T = ``TextFormat.max_len``):
   with ``pair_mask[b, i, j] = 1`` when completion i is ranked above j (ties dropped). The RM reads its
   reward at the last real token (the EOS). ``pairs_as_examples`` gives the paper's shuffled-pairs
   ablation instead: every pair its own element (K = 2), shuffled across the dataset.
+- Packed comparisons (``packed_comparison_batches``): the same comparisons without the padding completions.
+  A batch is a fixed budget of R completion rows, ``tokens [R,T]``, ``mask [R,T]``, holding as many whole
+  prompts as fit in the shuffled order (a prompt never straddles two batches, a batch never straddles two
+  epochs), and a fixed number G of prompt slots: ``slots [G,K]`` (the row of each prompt's completion k),
+  ``valid [G,K]``, ``pair_mask [G,K,K]`` and ``row_valid [G]`` as in the padded batch. The loss gathers
+  ``rewards[slots]`` into the padded ``[G,K]`` layout and is the padded loss (``train_rm.make_loss_fn``).
+  One shape for every batch, so one compiled step; padding is the rows left over when the next prompt does
+  not fit (``pack_plan``), a few percent for R of a few dozen rows or more.
 - Prompts (``prompt_batches``): ``prompt [B,P]`` left-padded for generation, ``prompt_mask [B,P]``.
 
 Every batch also has ``row_valid [B]``: with ``num_epochs`` set, the last batch is padded with empty rows
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -149,6 +158,133 @@ def _stack(batch_size: int, elements: Sequence[dict[str, np.ndarray]], placehold
         out = {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for k, v in out.items()}
     out["row_valid"] = (np.arange(batch_size) < real).astype(np.int32)
     return out
+
+
+def pack_plan(ks: Sequence[int], rows: int, max_prompts: int) -> list[list[int]]:
+    """Greedy packing in order: positions ``0..len(ks)-1`` cut into consecutive batches, each a run of prompts
+    whose completion counts sum to at most ``rows`` (and at most ``max_prompts`` prompts):
+
+        batch n = [i_n, i_{n+1}),  i_{n+1} = the largest j with Σ_{i_n ≤ i < j} ks[i] ≤ rows, j - i_n ≤ max_prompts
+
+    Every position is in exactly one batch and the order is kept (the shuffle stays the padded pipeline's).
+    A batch is cut only when the next prompt does not fit, so it wastes fewer than max(ks) rows.
+    """
+    if any(k > rows for k in ks):
+        raise ValueError(f"a comparison has K={max(ks)} completions, more than the {rows} rows of a packed batch")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i, k in enumerate(ks):
+        if current and (used + k > rows or len(current) == max_prompts):
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += k
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pack_comparisons(
+    ks: Sequence[int],
+    encode: Callable[[int], dict[str, np.ndarray]],
+    rows: int,
+    groups: int,
+    k_max: int,
+    seq_len: int,
+    block: tuple[int, int] = (0, 1),
+) -> dict[str, np.ndarray]:
+    """One packed batch (module docstring) of the prompts ``0..len(ks)-1``: prompt g's ``ks[g]`` completions
+    are rows ``o_g .. o_g + ks[g] - 1``, ``o_g = Σ_{i<g} ks[i]``, and ``slots[g, k] = o_g + k`` (0 where k ≥
+    ks[g], masked by ``valid`` and ``pair_mask``). Rows past ``Σ ks`` and prompts past ``len(ks)`` are padding
+    (zero tokens and mask, ``row_valid = 0``).
+
+    ``encode(g)`` is prompt g's padded element (``encode_comparison``); only the prompts with a row or a slot
+    in this process's ``block`` (``(i, n)``: the i-th of n equal blocks of both the rows and the slots) are
+    encoded. Slots hold global row indices, so the blocks of every process make up the one-process batch.
+    """
+    if sum(ks) > rows or len(ks) > groups:
+        raise ValueError(f"{len(ks)} prompts with {sum(ks)} completions do not fit {groups} slots and {rows} rows")
+    row_block, local_rows = _process_rows(rows, block)
+    group_block, local_groups = _process_rows(groups, block)
+    offsets = np.concatenate([[0], np.cumsum(ks, dtype=np.int64)]).astype(np.int32)
+    encode = functools.cache(encode)  # a prompt can own rows of this block and also its slot
+    out = {
+        "tokens": np.zeros((local_rows, seq_len), np.int32),
+        "mask": np.zeros((local_rows, seq_len), np.int32),
+        "slots": np.zeros((local_groups, k_max), np.int32),
+        "valid": np.zeros((local_groups, k_max), np.int32),
+        "pair_mask": np.zeros((local_groups, k_max, k_max), np.int32),
+        "row_valid": np.zeros((local_groups,), np.int32),
+    }
+    for local, row in enumerate(range(row_block.start, row_block.stop)):
+        g = int(np.searchsorted(offsets, row, side="right")) - 1
+        if g >= len(ks):
+            break  # padding from here on
+        element = encode(g)
+        out["tokens"][local] = element["tokens"][row - offsets[g]]
+        out["mask"][local] = element["mask"][row - offsets[g]]
+    for local, g in enumerate(range(group_block.start, min(group_block.stop, len(ks)))):
+        element = encode(g)
+        out["slots"][local, : ks[g]] = offsets[g] + np.arange(ks[g])
+        out["valid"][local] = element["valid"]
+        out["pair_mask"][local] = element["pair_mask"]
+        out["row_valid"][local] = 1
+    return out
+
+
+class PackedPlan:
+    """The batches of a packed pipeline (``packed_plan``) as a sequence: item n is the list of record indices
+    ``pack_plan`` puts in batch n; ``rows``, ``groups`` and ``k_max`` are the batch's sizes. Each epoch is packed
+    on its own from the record order of ``order`` (the padded pipeline's shuffled, repeated ids), so a batch
+    never straddles two epochs. Epochs are packed when first asked for (grain reads from several threads, hence
+    the lock); the batches are a pure function of the seed, so grain's saved index resumes them exactly."""
+
+    def __init__(
+        self, order: grain.MapDataset, ks: Sequence[int], rows: int, groups: int, k_max: int, num_epochs: int | None
+    ):
+        self._order, self.ks, self.rows, self.groups, self.k_max = order, list(ks), rows, groups, k_max
+        self._num_epochs = num_epochs
+        self._starts = [0]  # the first batch of each epoch packed so far, and one past the last
+        self._epochs: dict[int, list[list[int]]] = {}  # the last few epochs' batches
+        self._lock = threading.Lock()
+
+    def _epoch(self, e: int) -> list[list[int]]:
+        if e not in self._epochs:
+            n = len(self.ks)
+            ids = [self._order[e * n + i] for i in range(n)]
+            plan = pack_plan([self.ks[r] for r in ids], self.rows, self.groups)
+            self._epochs[e] = [[ids[i] for i in batch] for batch in plan]
+            if len(self._epochs) > 2:  # an infinite stream must not keep every epoch's batches: drop the oldest made
+                del self._epochs[next(iter(self._epochs))]
+        return self._epochs[e]
+
+    def _count_epochs(self, epochs: int) -> None:
+        """Extend ``_starts`` through the first ``epochs`` epochs (under the lock)."""
+        while len(self._starts) <= epochs:
+            self._starts.append(self._starts[-1] + len(self._epoch(len(self._starts) - 1)))
+
+    def _batch(self, index: int) -> list[int]:
+        with self._lock:
+            while self._starts[-1] <= index:
+                self._count_epochs(len(self._starts))
+            e = int(np.searchsorted(self._starts, index, side="right")) - 1
+            return self._epoch(e)[index - self._starts[e]]
+
+    def __len__(self) -> int:
+        if self._num_epochs is None:
+            return sys.maxsize  # as grain's repeat(None)
+        with self._lock:
+            self._count_epochs(self._num_epochs)
+            return self._starts[self._num_epochs]
+
+    def __getitem__(self, index: int) -> list[int]:
+        return self._batch(index)
+
+    def epoch_batches(self, epoch: int) -> int:
+        """How many batches epoch ``epoch`` (from 0) packs into: the steps of that epoch."""
+        with self._lock:
+            return len(self._epoch(epoch))
 
 
 def _process_rows(batch_size: int, shard: tuple[int, int] | None) -> tuple[slice, int]:
@@ -280,6 +416,53 @@ def comparison_batches(
         return encode_comparison(pair, fmt, k_max=2)
 
     return _batched(_records(index, seed, shuffle, num_epochs), encode_pair, batch_size, num_epochs, shard, threads)
+
+
+def packed_plan(
+    source: Any,
+    rows: int,
+    seed: int,
+    *,
+    groups: int = 0,
+    k_max: int = formats.MAX_K,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+) -> PackedPlan:
+    """Which comparisons each packed batch of ``rows`` completion rows and ``groups`` prompt slots holds
+    (``PackedPlan``); ``groups = 0`` takes ``rows // 2``, room for any mix (K ≥ 2). Every comparison of an epoch
+    is in exactly one batch, in ``comparison_batches``' record order for the same seed. Reads the K of every
+    record once."""
+    ks = [len(decode(source[i], "comparisons")["completions"]) for i in range(len(source))]
+    if ks and max(ks) > k_max:
+        raise ValueError(f"comparison with K={max(ks)} completions exceeds k_max={k_max} (raise data.k_max)")
+    if ks and max(ks) > rows:
+        raise ValueError(f"comparison with K={max(ks)} completions does not fit a packed batch of {rows} rows")
+    order = _records(list(range(len(source))), seed, shuffle, None)
+    return PackedPlan(order, ks, rows, groups or rows // formats.MIN_K, k_max, num_epochs)
+
+
+def packed_comparison_batches(
+    source: Any,
+    fmt: TextFormat,
+    plan: PackedPlan,
+    *,
+    shard: tuple[int, int] | None = None,
+    threads: int = 2,
+) -> grain.IterDataset:
+    """Comparisons -> packed RM batches (module docstring), the batches of ``plan`` (``packed_plan`` of this
+    ``source``). ``plan.rows`` and ``plan.groups`` are global sizes: each process encodes its block of both
+    (``shard``)."""
+    for size in (plan.rows, plan.groups):
+        _process_rows(size, shard)  # both split evenly over the processes, or an error
+    block = shard or (0, 1)
+
+    def take(records: list[int]) -> dict[str, np.ndarray]:
+        encode = lambda g: encode_comparison(decode(source[records[g]], "comparisons"), fmt, plan.k_max)
+        ks = [plan.ks[r] for r in records]
+        return pack_comparisons(ks, encode, plan.rows, plan.groups, plan.k_max, fmt.max_len, block)
+
+    ds = grain.MapDataset.source(plan).map(take)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4))
 
 
 def pretrain_batches(
