@@ -10,6 +10,19 @@ is measured only when torch and transformers are importable (CPU torch here). Th
 2·params FLOPs per token at the float32 matmul rate measured on this machine in the same run
 (``--dtype=bfloat16`` runs both models and the matmul in bf16). ``--skip_recompute`` leaves out the
 slow full-recompute decoding. The last line printed is a JSON object.
+
+The full-recompute baseline is capped so that the whole command ends within 5 minutes on a 2-core CPU
+(uncapped, its 4 calls of 128 steps took most of that alone): it decodes ``--recompute_new`` tokens (32) instead
+of ``--new``, and its tokens/s is scaled to ``--new``. Each of its steps runs the model over the whole
+buffer of prompt + new tokens, whatever the step, so a step costs ∝ (prompt + new) and
+
+    recompute tokens/s at new = measured tokens/s at recompute_new × (prompt + recompute_new) / (prompt + new)
+
+The scaling is linear in length: attention's quadratic part (about 2% of a step's FLOPs here) would lower the
+true figure, the per-step costs that do not grow with length (the draw over the vocabulary, the prefill)
+raise it. Checked at 64 new tokens, taking turns in one process (machine G): uncapped 22.4 tokens/s, capped
+at 16 and scaled 23.2, capped at 32 and scaled 21.7. ``recompute_cap`` in the output says which cap applied
+(null when ``--new`` is within it, or with ``--recompute_new=0``).
 """
 
 import argparse
@@ -80,6 +93,9 @@ def main() -> None:
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="params and compute, both sides"
     )
     parser.add_argument("--skip_recompute", action="store_true", help="leave out full-recompute decoding (slow)")
+    parser.add_argument(
+        "--recompute_new", type=int, default=32, help="new tokens the recompute baseline decodes (scaled); 0: --new"
+    )
     args = parser.parse_args()
 
     cfg = gpt2_shaped(args.d_model, args.n_layers, args.dtype)
@@ -89,7 +105,7 @@ def main() -> None:
     mask = np.ones_like(prompt)
     tokens = args.batch * args.new
 
-    def ours(use_cache: bool) -> Callable[[], None]:
+    def ours(use_cache: bool, new: int) -> Callable[[], None]:
         def run():
             out = sampling.generate(
                 params,
@@ -97,23 +113,36 @@ def main() -> None:
                 prompt,
                 mask,
                 jax.random.key(0),
-                max_new_tokens=args.new,
+                max_new_tokens=new,
                 eos_id=-1,
                 temperature=1.0,
                 use_cache=use_cache,
             )
-            assert int(out.steps) == args.new
+            assert int(out.steps) == new
             jax.block_until_ready(out)
 
         return run
 
-    runs = {"generate": ours(True), "matmul": jax_matmul_run(args.dtype)}
+    recompute_new = min(args.recompute_new or args.new, args.new)
+    runs = {"generate": ours(True, args.new), "matmul": jax_matmul_run(args.dtype)}
     if not args.skip_recompute:
-        runs["recompute"] = ours(False)
+        runs["recompute"] = ours(False, recompute_new)
     if (hf := transformers_run(cfg, prompt, args.new)) is not None:
         runs["transformers"] = hf
     seconds = best_interleaved(runs, args.repeats)
-    per_s = {name: tokens / s for name, s in seconds.items() if name != "matmul"}
+    per_s = {name: tokens / s for name, s in seconds.items() if name not in ("matmul", "recompute")}
+    cap = None
+    if "recompute" in seconds:
+        measured = args.batch * recompute_new / seconds["recompute"]
+        # a recompute step costs ∝ prompt + new tokens (module docstring): scale to the full --new
+        per_s["recompute"] = measured * (args.prompt + recompute_new) / (args.prompt + args.new)
+        if recompute_new < args.new:
+            cap = dict(
+                new_tokens=recompute_new,
+                scaled_to=args.new,
+                measured_tokens_per_s=measured,
+                scale=(args.prompt + recompute_new) / (args.prompt + args.new),
+            )
 
     result = {
         "device": jax.devices()[0].device_kind,
@@ -122,6 +151,7 @@ def main() -> None:
         "shape": dict(batch=args.batch, prompt=args.prompt, new_tokens=args.new),
         "generate_tokens_per_s": per_s["generate"],
         "recompute_tokens_per_s": per_s.get("recompute"),
+        "recompute_cap": cap,
         "transformers_tokens_per_s": per_s.get("transformers"),
         "compute_limit_tokens_per_s": matmul_flops_per_s(seconds["matmul"]) / (2 * n_params),
     }
@@ -130,9 +160,9 @@ def main() -> None:
     if result["transformers_tokens_per_s"]:
         result["speedup_vs_transformers"] = result["generate_tokens_per_s"] / result["transformers_tokens_per_s"]
     result["fraction_of_compute_limit"] = result["generate_tokens_per_s"] / result["compute_limit_tokens_per_s"]
+    rounded = lambda value: round(value, 3 if value < 10 else 1) if isinstance(value, float) else value
     for key, value in result.items():
-        if isinstance(value, float):
-            result[key] = round(value, 3 if value < 10 else 1)
+        result[key] = {k: rounded(v) for k, v in value.items()} if isinstance(value, dict) else rounded(value)
     print(json.dumps(result))
 
 

@@ -40,9 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.k_max = 9  # completions per batch element (the paper's K is 4..9); fewer are masked
     c.data.train_records = 0  # the first N rankings of train_file only (Gao et al.'s comparison counts); 0 = all
     c.data.pairs_as_examples = False  # the §3.5 ablation: each pair its own example, shuffled across the data
-    # 0: padded batches (batch_size prompts x k_max rows). R > 0: packed training batches of R completion rows,
-    # as many whole prompts as fit (~R / mean K; batch_size unused), no padding completions (docs/reward_model.md)
-    c.data.pack_rows = 0
+    # Packed training batches: as many whole prompts as fit in R rows (about R / mean K; batch_size unused)
+    c.data.pack_rows = 0  # 0: padded to k_max completions; R > 0: R completion rows a batch (docs/reward_model.md)
     c.data.skip_bad = False
 
     c.batch_size = 64  # prompts per step (the paper: 64), or pairs with pairs_as_examples

@@ -231,8 +231,13 @@ def test_best_of_n_picks_by_the_rm(monkeypatch):
     equal to the gold score picks as the oracle does; a constant RM picks at random (flat in n)."""
     prompts = [world_tasks.sample_prompt(random.Random(i)) for i in range(40)]
 
-    def samples(stage, ps, seed, **kwargs):
-        return [(" ".join(world_tasks.solve(p)) if (i + seed) % 4 == 0 else "7", True) for i, p in enumerate(ps)]
+    def samples(stage, ps, seed, samples_per_prompt=1, **kwargs):  # prompt i's samples are items i·K .. i·K + K - 1
+        k = samples_per_prompt
+        return [
+            (" ".join(world_tasks.solve(p)) if (i + s) % 4 == 0 else "7", True)
+            for i, p in enumerate(ps)
+            for s in range(k)
+        ]
 
     def gold_rm(rm, ps, texts, stopped):
         return np.array([world_tasks.gold_score(*x) for x in zip(ps, texts, stopped, strict=True)])

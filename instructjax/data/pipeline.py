@@ -167,7 +167,8 @@ def pack_plan(ks: Sequence[int], rows: int, max_prompts: int) -> list[list[int]]
         batch n = [i_n, i_{n+1}),  i_{n+1} = the largest j with Σ_{i_n ≤ i < j} ks[i] ≤ rows, j - i_n ≤ max_prompts
 
     Every position is in exactly one batch and the order is kept (the shuffle stays the padded pipeline's).
-    A batch is cut only when the next prompt does not fit, so it wastes fewer than max(ks) rows.
+    A batch cut because the next prompt does not fit wastes fewer than max(ks) rows (with ``max_prompts`` ≥
+    rows / min(ks), as ``packed_plan`` sets it, that is every cut but an epoch's last batch).
     """
     if any(k > rows for k in ks):
         raise ValueError(f"a comparison has K={max(ks)} completions, more than the {rows} rows of a packed batch")
