@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from instructjax import chat_template
+from instructjax import chat_template, stages
 from instructjax.data import formats, prepare, public, sources
 from instructjax.data.sources import Record
 
@@ -329,17 +329,8 @@ def test_prepare_writes_nine_valid_files_and_a_report(tmp_path):
     layouts = write_layouts(tmp_path, {"train": hh_rows(40), "test": hh_rows(6, 100)})
     out = tmp_path / "out"
     report = prepare.prepare("hh", layouts["saved"], out, tokenizer=GPT2, max_len=20, max_prompt_len=10)
-    for name in (
-        "demos_train",
-        "demos_valid",
-        "comparisons_train",
-        "comparisons_valid",
-        "prompts_train",
-        "prompts_valid",
-        "prompts_test",
-        "pretrain_train",
-        "pretrain_heldout",
-    ):
+    assert set(report["rows"]) == set(stages.DATA_FILES)  # the nine files the pipeline reads
+    for name in stages.DATA_FILES:
         kind = name.split("_")[0]
         rows, _ = formats.read_jsonl(out / f"{name}.jsonl", kind)  # every row passes the pipeline's reader
         assert len(rows) == report["rows"][name] > 0, name
