@@ -14,7 +14,7 @@ PPO-ptx iteration split into its phases. One command, one JSON line (and a table
    bandwidth / (parameter bytes + mean KV-cache bytes per step).
 3. **PPO-ptx iteration** at the 124M and 1.3B shapes: generate, score (policy, reference, value, RM) and the
    minibatch updates with 8 pretraining rows per episode, as ``train_ppo.make_iteration`` runs them (random
-   weights; 32 episodes of 256 + 256 tokens, minibatch 8).
+   weights; 32 episodes of 256 + 256 tokens, minibatch 8): ``benchmarks/ppo_iteration.py``'s ``measure``.
 
 Peak figures (``DEVICES``): the vendors' dense bf16 tensor-core FLOP/s and HBM bandwidth from their data
 sheets (NVIDIA H100 SXM: 989 TFLOP/s, 3.35 TB/s; H200: 989 TFLOP/s, 4.8 TB/s; A100 SXM 80 GB: 312 TFLOP/s,
@@ -23,9 +23,7 @@ and an array copy. Every timing is the best of ``--repeats`` after a warm-up cal
 """
 
 import argparse
-import dataclasses
 import json
-import resource
 import time
 from collections.abc import Callable
 
@@ -33,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import ppo_iteration  # benchmarks/ppo_iteration.py: this directory is on the path when run as a script
 
-from instructjax import configlib, losses, ppo_setup, ppo_steps, sampling, sharding, steps
+from instructjax import configlib, losses, sampling, sharding, steps
 from instructjax.metrics import training_flops_per_token
 from instructjax.model import ModelConfig, Transformer, count_params, unembedding
 
@@ -84,7 +83,7 @@ def sft_mfu(cfg: ModelConfig, seq: int, batches: list[int], peak: float, repeats
     example = np.zeros((1, seq), np.int32)
 
     def loss_fn(params, batch, rng):  # as train_sft: fused LM head + cross-entropy
-        hidden = model.apply({"params": params}, batch["tokens"], batch["mask"], return_hidden=True)
+        hidden = model.apply({"params": params}, batch["tokens"], batch["mask"], return_hidden=True, right_padded=True)
         loss, n = losses.fused_lm_loss(hidden, unembedding(params, cfg), batch["tokens"], batch["mask"], 512)
         return loss, {"tokens": n}
 
@@ -140,7 +139,8 @@ def decode_roofline(cfg: ModelConfig, batch: int, prompt: int, new: int, bandwid
     seconds = best_seconds(run, repeats)
     itemsize = jnp.dtype(cfg.dtype).itemsize
     param_bytes = sum(x.size for x in jax.tree.leaves(params)) * itemsize
-    kv_bytes = 2 * cfg.n_layers * batch * cfg.num_kv_heads * cfg.dim_per_head * itemsize * (prompt + new / 2)
+    kv_row_bytes = 2 * cfg.n_layers * cfg.num_kv_heads * cfg.dim_per_head * itemsize  # K and V, one cache slot
+    kv_bytes = batch * kv_row_bytes * sampling.kv_slots_per_step(prompt, new)
     roofline = batch * bandwidth / (param_bytes + kv_bytes)
     measured = batch * new / seconds
     return {
@@ -154,108 +154,6 @@ def decode_roofline(cfg: ModelConfig, batch: int, prompt: int, new: int, bandwid
     }
 
 
-def ppo_iteration(cfg: ModelConfig, episodes: int, prompt: int, new: int, minibatch: int, repeats: int) -> dict:
-    """One PPO-ptx iteration of random-weight models: seconds per phase, as train_ppo.make_iteration runs it."""
-    config = configlib.load_config(f"{REPO_CONFIGS}/ppo.py:tiny_ptx")
-    config.update_from_flattened_dict(
-        {
-            "batch_size": episodes,
-            "minibatch_size": minibatch,
-            "max_new_tokens": new,
-            "data.max_prompt_len": prompt,
-            "data.ptx_len": prompt + new,
-            "ptx_ratio": 8,
-            "num_iterations": 1,
-        }
-    )
-    value_cfg = dataclasses.replace(cfg, head="scalar")
-    mesh, rules = sharding.make_mesh(config.mesh_shape), sharding.as_rules(config.rules)
-    plan = ppo_setup.plan(config, cfg, value_cfg, mesh, rules)
-    example = np.zeros((1, 4), np.int32)
-    with sharding.use(mesh, rules):
-        policy, _ = sharding.init_params(plan.models["policy"], jax.random.key(0), example, mesh, rules)
-        value, _ = sharding.init_params(plan.models["value"], jax.random.key(1), example, mesh, rules)
-        frozen = {"ref": jax.tree.map(jnp.copy, policy), "rm": jax.tree.map(jnp.copy, value)}
-        state = jax.jit(lambda p, v: plan.new_state(p, v, plan.rng_data), out_shardings=plan.state_sh)(policy, value)
-        score = ppo_steps.make_score(plan.models, config, eos_id=-1, rm_bias=0.0)
-        update = ppo_steps.make_update(
-            plan.models, cfg, config, plan.tx_policy, plan.tx_value, mesh, rules, plan.state_sh
-        )
-        rs = np.random.RandomState(0)
-        batch = sharding.to_global(
-            {
-                "prompt": rs.randint(3, cfg.vocab_size, (episodes, prompt)).astype(np.int32),
-                "prompt_mask": np.ones((episodes, prompt), np.int32),
-            },
-            mesh,
-            rules,
-        )
-        ptx_tokens = rs.randint(3, cfg.vocab_size, (plan.ptx_rows, prompt + new)).astype(np.int32)
-        ptx = sharding.to_global(
-            {
-                "tokens": ptx_tokens,
-                "segment_ids": np.ones_like(ptx_tokens),
-                "mask": np.ones_like(ptx_tokens),
-                "loss_mask": np.ones_like(ptx_tokens),
-            },
-            mesh,
-            rules,
-        )
-        holder = {"state": state}
-
-        def generate():
-            holder["gen"] = sampling.generate(
-                holder["state"].params,
-                cfg,
-                batch["prompt"],
-                batch["prompt_mask"],
-                jax.random.key(0),
-                max_new_tokens=new,
-                eos_id=-1,
-            )
-            jax.block_until_ready(holder["gen"])
-
-        def scoring():
-            s = holder["state"]
-            holder["ro"] = score(s.params, s.value_params, frozen, batch, holder["gen"], s.kl_coef, None)
-            jax.block_until_ready(holder["ro"])
-
-        def updates():
-            s = holder["state"]
-            for i in range(episodes // minibatch):
-                s, _ = update(s, holder["ro"], jnp.arange(i * minibatch, (i + 1) * minibatch), ptx)
-            holder["state"] = jax.block_until_ready(s)
-
-        phases = {"generate": generate, "score": scoring, "update": updates}
-        for fn in phases.values():  # one untimed iteration: compiles every program
-            fn()
-        compiles = {"generate": sampling._generate_cached._cache_size(), "score": score._cache_size()}
-        seconds = {name: min(_timed(fn) for _ in range(repeats)) for name, fn in phases.items()}
-        compiles_after = {"generate": sampling._generate_cached._cache_size(), "score": score._cache_size()}
-    total = sum(seconds.values())
-    device_memory = jax.devices()[0].memory_stats() or {}  # None on CPU: the host's peak RSS instead
-    return {
-        "params": count_params(policy),
-        "episodes": episodes,
-        "prompt": prompt,
-        "new": new,
-        "minibatch": minibatch,
-        "seconds": seconds,
-        "iteration_s": total,
-        "generation_share": seconds["generate"] / total,
-        "tokens_per_s": episodes * (prompt + new) / total,
-        "compiles_grew": compiles_after != compiles,
-        "peak_device_bytes": device_memory.get("peak_bytes_in_use"),
-        "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    }
-
-
-def _timed(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: the same code on CPU in seconds")
@@ -265,14 +163,14 @@ def main() -> None:
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     peaks = device_peaks(args.repeats)
-    result: dict = dict(peaks, attention="xla (model._attention)")
+    result: dict = dict(peaks, attention=model_cfg("gpt3_1p3b").attention_path("prefix"))
     if args.smoke:
         big, small = model_cfg("tiny", dtype="bfloat16"), model_cfg("tiny", dtype="bfloat16")
-        sft_seq, decode_shape, ppo_shape = 64, (4, 8, 8), (16, 8, 8, 8)
+        sft_seq, decode_shape, ppo_shape = 64, (4, 8, 8), (16, 8, 8, 8, 8)
     else:
         big = model_cfg("gpt3_1p3b")
         small = model_cfg("gpt2_124m", dtype="bfloat16")
-        sft_seq, decode_shape, ppo_shape = 2048, (64, 256, 256), (32, 256, 256, 8)
+        sft_seq, decode_shape, ppo_shape = 2048, (64, 256, 256), (32, 256, 256, 8, 8)
     if "sft" not in skip:
         batches = [int(b) for b in args.sft_batches.split(",")]
         result["sft"] = sft_mfu(big, sft_seq, batches, peaks["peak_flops_per_s"], args.repeats)
@@ -280,7 +178,7 @@ def main() -> None:
         result["decode"] = decode_roofline(big, *decode_shape, peaks["hbm_bytes_per_s"], args.repeats)
     if "ppo" not in skip:
         sizes = (("small", small),) if args.smoke else (("small", small), ("large", big))
-        result["ppo"] = {name: ppo_iteration(cfg, *ppo_shape, args.repeats) for name, cfg in sizes}
+        result["ppo"] = {name: ppo_iteration.measure(cfg, *ppo_shape, args.repeats) for name, cfg in sizes}
     print(
         f"device: {result['device']}; peaks ({peaks['peaks']}): {peaks['peak_flops_per_s']:.3g} FLOP/s, "
         f"{peaks['hbm_bytes_per_s']:.3g} B/s; attention: {result['attention']}"

@@ -109,8 +109,11 @@ def model_config(name: str) -> ml_collections.ConfigDict:
     # --- numerics and memory ---
     m.dtype = "float32"  # compute dtype ('bfloat16' on accelerators; params stay in param_dtype)
     m.param_dtype = "float32"  # storage dtype of params (f32 master weights, as the paper's fp16+fp32)
-    m.remat = "none"  # activation checkpointing per block: 'none', 'full' or 'dots' (save matmuls)
+    # Activation checkpointing per block: 'none', 'full' or 'dots' (save matmuls). Use it with scan_layers: on
+    # XLA:CPU, remat of unscanned blocks left the memory plan unchanged (docs/benchmarks.md, PPO at real shapes).
+    m.remat = "none"
     m.scan_layers = False  # lax.scan over stacked layers: compile time independent of depth
+    m.attention = "auto"  # 'auto' (cuDNN's fused kernel where a GPU call allows it, docs/gpu.md), 'xla', 'cudnn'
     m.update(PRESETS[name])
     if name in _LARGE:
         m.update(dict(dtype="bfloat16", remat="full", scan_layers=True))

@@ -65,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ptx_ratio = 8  # pretraining rows per RL episode (the paper: 8)
     c.loss_chunk = 512  # positions per chunk of the fused LM head + cross-entropy for the ptx term
     c.frozen_dtype = ""  # dtype of the frozen reference and RM ("" = as trained; e.g. 'bfloat16')
+    c.decode_layout = "replicated"  # the policy's layout for generation: 'replicated' over data/fsdp, or 'train'
     c.compute_dtype = ""  # dtype all four models compute in ("" = their stages'; 'bfloat16': f32 master weights)
 
     c.optim = ml_collections.ConfigDict()  # the policy; steps are minibatch updates

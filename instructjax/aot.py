@@ -36,6 +36,7 @@ The compiling itself (the slice, a program's per-device memory plan and FLOPs, t
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -200,8 +201,16 @@ def _ppo_programs(config, mesh, rules, devices: int, what: str, log) -> list[Pro
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated)
     kl = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
     with_rollout = what in ("rollout", "all")
+    # Generation reads the policy in the decode layout (``train_ppo.decode_layout``): a copy whole over data and
+    # fsdp, in the compute dtype, beside the training params, which stay resident.
+    gen_params, training_copy = state.params, 0
+    if sharding.reshards_for_decoding(config.get("decode_layout", "replicated"), mesh):
+        cast = functools.partial(sharding.cast_for_compute, dtype=jnp.dtype(policy_cfg.dtype))
+        shapes = jax.eval_shape(cast, ppo.shapes.params)
+        gen_params = abstract_arrays(shapes, sharding.decode_shardings(ppo.state_sh.params))
+        training_copy = size(state.params)
     trace = lambda: sampling.trace_generate(
-        state.params,
+        gen_params,
         policy_cfg,
         prompts["prompt"],
         prompts["prompt_mask"],
@@ -210,11 +219,11 @@ def _ppo_programs(config, mesh, rules, devices: int, what: str, log) -> list[Pro
         scalar_sharding=replicated,
     )
     if with_rollout:
-        others = size((state.opt_state, state.value_params, state.value_opt_state, frozen))
+        others = size((state.opt_state, state.value_params, state.value_opt_state, frozen)) + training_copy
         program, compiled = compile_program(
             "ppo rollout: generate",
             trace,
-            (state.params, prompts),
+            (gen_params, prompts),
             mesh,
             rules,
             resident=others,

@@ -13,6 +13,9 @@ the matmuls of the traced program instead, each ``scan`` body times its length, 
 longest (``max_new_tokens`` steps), backward pass and remat recomputation included (``dot_flops``);
 ``model_flops`` is the analytic training count (``metrics.training_flops_per_token`` x tokens: 6 N per token
 plus attention, no recomputation), what MFU uses. All per device.
+
+Collectives and memory traffic come from the compiled program's HLO (``hlo_stats``), loops counted as they run;
+``predict`` turns the three counts into a PREDICTED time per chip at its published peaks (``CHIP_PEAKS``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from instructjax import sharding
+from instructjax import hlo_stats, sharding
 
 GiB = 1024**3
 
@@ -39,6 +42,21 @@ GiB = 1024**3
 # /v5p, /v6e): v4 32 GiB HBM2, v5e 16 GiB HBM2, v5p 95 GiB HBM2e, v6e (Trillium) 32 GiB. The compiler keeps
 # a little of it for itself, so a total close to the limit is not a guaranteed fit.
 HBM_GIB_PER_CHIP = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+# Per chip: bf16 peak FLOP/s, HBM bytes/s, and ICI bytes/s in one direction (half the bidirectional figure), from
+# the Cloud TPU system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e): v5e 197 TFLOPs,
+# 819 GBps, 400 GBps bidirectional; v5p 459 TFLOPs, 2765 GBps, 1200 GBps bidirectional (4800 Gbps); v6e
+# 918 TFLOPs, 1638 GBps, 800 GBps bidirectional; v4 275 TFLOPs, 1200 GBps, and no per-chip ICI figure: its
+# all-reduce bandwidth per Pod (1.1 PB/s) over 4096 chips, 269 GB/s, the same ratio as v5e's (51.2 TB/s over
+# 256 chips = 200 GB/s = its 1600 Gbps).
+CHIP_PEAKS = {
+    "v4": (275e12, 1200e9, 269e9),
+    "v5e": (197e12, 819e9, 200e9),
+    "v5p": (459e12, 2765e9, 600e9),
+    "v6e": (918e12, 1638e9, 400e9),
+}
+# Where ``compile_program`` writes each compiled program's HLO text (``scripts/aot_compile.py --hlo_dir``), so
+# that ``hlo_stats`` can be rerun on it without compiling again; None: nowhere.
+HLO_DIR: str | None = None
 # jax device_kind of each family (what libtpu's topology devices report).
 _DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5": "v5p", "TPU v6 lite": "v6e"}
 
@@ -69,6 +87,11 @@ class Program:
     xla_flops: float  # XLA's count per device of the compiled program (every loop body once)
     model_flops: float | None  # analytic training FLOPs per device (None: not a training program)
     compile_seconds: float  # trace + lower + compile
+    # hlo_stats of the compiled program, per device, the decode loop at its longest (``while_trips`` steps):
+    collectives: dict = dataclasses.field(default_factory=dict)  # collective bytes of the whole run, by kind
+    decode_step_collective_bytes: float = 0.0  # one trip of the decode loop (0: no such loop)
+    hbm_bytes: float = 0.0  # memory traffic of the whole run (hlo_stats' estimate)
+    xla_bytes: float = 0.0  # cost_analysis' 'bytes accessed' (every loop body once)
     error: str = ""  # the compiler's out-of-memory message when it refused the program (then temp_bytes is its need)
 
     @property
@@ -182,6 +205,12 @@ def dot_flops(jaxpr: Any, while_trips: int = 1) -> float:
     return total
 
 
+def outer_whiles(jaxpr: Any) -> int:
+    """How many ``while`` loops a jaxpr has that are not inside another one (``generate``'s decode segments)."""
+    inner = lambda eqn: sum(outer_whiles(sub) for sub in _subjaxprs(eqn))
+    return sum(1 if eqn.primitive.name == "while" else inner(eqn) for eqn in jaxpr.eqns)
+
+
 def trace_in_mesh(trace, mesh, rules):
     """``trace()`` under the mesh and logical rules, as the training loop runs (``sharding.use``): the model's
     activation sharding constraints apply. (Nothing may execute in there: the mesh's devices are abstract.)"""
@@ -197,7 +226,9 @@ def compile_program(name: str, trace, args, mesh, rules, *, resident=0, model_fl
     start = time.perf_counter()
     with sharding.use(mesh, rules):
         traced = trace()
-        flops = dot_flops(traced.jaxpr.jaxpr, while_trips) / mesh.size
+        # ``while_trips`` steps in all, shared by the decode segments (each its own while loop)
+        segments = max(outer_whiles(traced.jaxpr.jaxpr), 1)
+        flops = dot_flops(traced.jaxpr.jaxpr, while_trips / segments) / mesh.size
         try:
             compiled = traced.lower().compile()
         except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program whose temporaries exceed HBM
@@ -209,6 +240,13 @@ def compile_program(name: str, trace, args, mesh, rules, *, resident=0, model_fl
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
+    text = compiled.as_text()
+    if HLO_DIR:
+        pathlib.Path(HLO_DIR).mkdir(parents=True, exist_ok=True)
+        (pathlib.Path(HLO_DIR) / (re.sub(r"\W+", "_", name).strip("_") + ".hlo.txt")).write_text(text)
+    stats = hlo_stats.program_stats(text)
+    decode = stats.unknown_trip_loops()  # generate's decode segments share its max_new_tokens steps
+    run = stats.total(while_trips / len(decode) if decode else 1)
     program = Program(
         name=name,
         argument_bytes=int(mem.argument_size_in_bytes),
@@ -221,6 +259,10 @@ def compile_program(name: str, trace, args, mesh, rules, *, resident=0, model_fl
         xla_flops=float((cost or {}).get("flops", 0.0)),
         model_flops=model_flops,
         compile_seconds=seconds,
+        collectives=run.collectives,
+        decode_step_collective_bytes=sum(hlo_stats.decode_step_bytes(stats).values()),
+        hbm_bytes=run.hbm_bytes,
+        xla_bytes=float((cost or {}).get("bytes accessed", 0.0)),
     )
     if log:
         log(f"[aot]   {name}: {program.total_bytes / GiB:.2f} GiB per device, compiled in {seconds:.0f} s")
@@ -260,6 +302,52 @@ def batch_sharded_outputs(traced, mesh, rules) -> Any:
     return jax.tree.map(one, traced.out_info)
 
 
+# ----------------------------------------------------------------------------------------------- prediction
+
+# An all-reduce is a reduce-scatter then an all-gather: its array crosses the links twice.
+_LINK_TRIPS = {"all-reduce": 2.0}
+
+
+def predict(flops: float, hbm_bytes: float, collectives: dict, peaks: tuple, useful_flops: float | None = None) -> dict:
+    """A PREDICTION of one device's time for a program, from its counts (per device) and the chip's ``peaks``
+    (bf16 FLOP/s, HBM bytes/s, ICI bytes/s one way; ``CHIP_PEAKS`` per device): three lower bounds,
+
+        compute = flops / peak,   memory = hbm_bytes / hbm_bw,   ici = Σ_kind bytes_kind × trips_kind / ici_bw
+
+    (``trips`` 2 for an all-reduce, else 1), and ``seconds = max(compute, memory, ici)``: the program cannot be
+    faster than its slowest resource, and is that fast only if the other two overlap with it entirely.
+    ``mfu = useful_flops / (seconds × peak)`` (``useful_flops`` defaults to ``flops``); ``bound`` names the
+    largest term. Nothing here was measured on a TPU."""
+    peak, hbm_bw, ici_bw = peaks
+    bounds = {
+        "compute": flops / peak,
+        "memory": hbm_bytes / hbm_bw,
+        "ici": sum(b * _LINK_TRIPS.get(k, 1.0) for k, b in collectives.items()) / ici_bw,
+    }
+    seconds = max(bounds.values())
+    useful = flops if useful_flops is None else useful_flops
+    return {
+        **{f"{k}_seconds": v for k, v in bounds.items()},
+        "seconds": seconds,
+        "bound": max(bounds, key=bounds.get),
+        "mfu": useful / (seconds * peak) if seconds > 0 else 0.0,
+    }
+
+
+def device_peaks(family: str, chips: int, devices: int) -> tuple:
+    """``CHIP_PEAKS`` of ``family`` per device (v4 lists a chip's two cores as devices where libtpu does)."""
+    return tuple(x * chips / devices for x in CHIP_PEAKS[family])
+
+
+def program_prediction(p: Program, family: str, chips: int, devices: int) -> dict:
+    """``predict`` for a compiled program: its matmul FLOPs (``dot_flops``, loops counted), the memory traffic
+    and collective bytes of ``hlo_stats``; MFU from the model FLOPs where the program has them (training steps)."""
+    if p.error:
+        return {}
+    peaks = device_peaks(family, chips, devices)
+    return predict(p.flops, p.hbm_bytes, p.collectives, peaks, p.model_flops)
+
+
 # ----------------------------------------------------------------------------------------------- the report
 
 
@@ -273,6 +361,7 @@ def report_dict(report: dict[str, Any]) -> dict[str, Any]:
             "total_bytes": p.total_bytes,
             "headroom_bytes": hbm - p.total_bytes,
             "fits": p.total_bytes <= hbm and not p.error,
+            "prediction": program_prediction(p, report["family"], report["chips"], report["devices"]),
         }
         for p in report["programs"]
     ]
@@ -302,9 +391,14 @@ def format_table(report: dict[str, Any], label: str = "") -> str:
         "TFLOPs",
         "XLA TFLOPs",
         "model TFLOPs",
+        "coll GB",
+        "step coll MB",
+        "pred s",
+        "bound",
+        "pred MFU",
         "compile s",
     )
-    rows = []
+    rows, fam = [], (report["family"], report["chips"], report["devices"])
     for p in report["programs"]:
         rows.append(
             (
@@ -321,6 +415,11 @@ def format_table(report: dict[str, Any], label: str = "") -> str:
                 f"{p.flops / 1e12:.2f}",
                 f"{p.xla_flops / 1e12:.2f}",
                 "-" if p.model_flops is None else f"{p.model_flops / 1e12:.2f}",
+                f"{sum(p.collectives.values()) / 1e9:.2f}",
+                f"{p.decode_step_collective_bytes / 1e6:.1f}",
+                f"{pred['seconds']:.3g}" if (pred := program_prediction(p, *fam)) else "-",
+                pred.get("bound", "-"),
+                f"{pred['mfu']:.0%}" if pred else "-",
                 f"{p.compile_seconds:.0f}",
             )
         )
@@ -331,4 +430,5 @@ def format_table(report: dict[str, Any], label: str = "") -> str:
         return "  ".join(cells)
 
     notes = [f"{p.name}: refused by the XLA TPU compiler: {p.error}" for p in report["programs"] if p.error]
+    notes.append("pred s, bound, pred MFU: a PREDICTION from the compiled program's counts at the chip's peaks")
     return "\n".join([head, line(cols), *(line(r) for r in rows), *notes])

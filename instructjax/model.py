@@ -17,6 +17,10 @@ KV cache. ``kv_cache.init_cache`` returns an explicit pytree (``kv_cache.py`` sh
 with ``cache=`` appends the chunk ``tokens_bt`` at ``index``: a whole left-padded prompt (prefill) or one
 token per row (decode) go through the same code, and the call returns ``(output, new_cache)``. Slots are in
 time order, so causality is ``slot_key <= slot_query``.
+
+Attention implementation. ``_attention`` (XLA einsums) serves every call; a call whose mask is causal + per-row
+key lengths (no mask, or ``right_padded=True``) on an NVIDIA GPU in bf16/f16 takes cuDNN's fused kernel instead
+(``_fused_attention``). ``ModelConfig.attention_path`` decides, statically; docs/gpu.md lists the cases.
 """
 
 from __future__ import annotations
@@ -125,11 +129,34 @@ def _attention(q_btnh, k, v, mask_b1ts, dropout, kv_layout: str = "bskh"):
     return out.reshape(b, k_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
+# What the 'cudnn' path asks jax.nn.dot_product_attention for; tests/test_attention_paths.py sets 'xla' to run the
+# path's whole plumbing on CPU.
+_FUSED_IMPLEMENTATION = "cudnn"
+
+
+def _fused_attention(q_btnh, k_bskh, v_bskh, mask_bt, implementation: str):
+    """Causal attention by ``jax.nn.dot_product_attention`` over each row's first Σ mask keys, for a
+    right-padded ``mask_bt`` (None: every key real). ``implementation='cudnn'`` on the GPU; the tests run this
+    same argument construction with ``'xla'`` against ``_attention`` on CPU.
+
+    For real queries this is ``_attention``'s mask exactly (a right-padded row's real keys are its first
+    Σ mask). Pad queries see the row's real keys instead of those plus themselves; their outputs are
+    meaningless either way. Lengths are at least 1 so an all-pad row (an eval batch's filler) still has one
+    visible key and no fully masked softmax row, whatever the kernel does with one."""
+    lengths_b = None if mask_bt is None else jnp.maximum(mask_bt.sum(axis=1, dtype=jnp.int32), 1)
+    return jax.nn.dot_product_attention(
+        q_btnh, k_bskh, v_bskh, is_causal=True, key_value_seq_lengths=lengths_b, implementation=implementation
+    )
+
+
 class Attention(nn.Module):
-    """Multi-head attention with grouped-query heads, RoPE or none, and an optional KV-cache layer."""
+    """Multi-head attention with grouped-query heads, RoPE or none, and an optional KV-cache layer. With
+    ``path='cudnn'`` the mask argument is the right-padded [B,T] token mask (or None: every token real) instead
+    of the [B,1,T,S] attention mask."""
 
     cfg: ModelConfig
     deterministic: bool = True
+    path: str = "xla"
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, mask_b1ts, kv=None, index=None):
@@ -160,6 +187,8 @@ class Attention(nn.Module):
             value = nn.with_logical_constraint(value, ("batch", "kv_heads", "length", "head_dim"))
             new_kv = {"k": key, "v": value}
             out = _attention(q, key.astype(q.dtype), value.astype(q.dtype), mask_b1ts, None, "bksh")
+        elif self.path == "cudnn":  # attention_path refused cuDNN for dropout, so there is none here
+            out = _fused_attention(q, key, value, mask_b1ts, _FUSED_IMPLEMENTATION)
         else:
             drop = nn.Dropout(cfg.attention_dropout_rate, deterministic=False) if dropout else None
             out = _attention(q, key, value, mask_b1ts, drop)
@@ -192,12 +221,13 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     deterministic: bool = True
+    path: str = "xla"
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, mask_b1ts, kv=None, index=None):
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
-        attn_out, new_kv = Attention(cfg, self.deterministic, name="attn")(
+        attn_out, new_kv = Attention(cfg, self.deterministic, self.path, name="attn")(
             _norm(cfg, "attn_norm")(x_btd), positions_bt, mask_b1ts, kv, index
         )
         x_btd = x_btd + drop(attn_out)
@@ -222,14 +252,24 @@ class Transformer(nn.Module):
         cache: Cache | None = None,
         deterministic: bool = True,
         return_hidden: bool = False,
+        right_padded: bool = False,
     ):
         """``segment_ids_bt`` (packed pretraining, no cache): tokens attend only within their segment
         (id > 0; 0 is padding) and positions restart at each segment; it replaces ``mask_bt``.
         ``return_hidden``: return the final-norm hidden states [B,T,D] instead of the head's output
         (for ``losses.fused_lm_loss`` with ``unembedding(params, cfg)``, and for ``sampling``'s own
-        head); with ``cache=`` still ``(hidden, new_cache)``."""
+        head); with ``cache=`` still ``(hidden, new_cache)``. ``right_padded=True`` (no cache, no segments)
+        promises that each row of ``mask_bt`` is 1s then 0s, which lets attention take cuDNN's fused kernel
+        (``ModelConfig.attention_path``); the mask's values are not checked, so a left-padded mask with it
+        attends to the wrong keys on that path."""
         cfg = self.cfg
         batch, length = tokens_bt.shape
+        if right_padded and (cache is not None or segment_ids_bt is not None):
+            raise ValueError("right_padded describes mask_bt of a full forward: not with a cache or segment_ids_bt")
+        # The first that holds names the call's mask (model_config.MASK_KINDS); only causal and prefix suit cuDNN.
+        kinds = {"cache": cache is not None, "segments": segment_ids_bt is not None, "causal": mask_bt is None}
+        mask_kind = next((kind for kind, holds in kinds.items() if holds), "prefix" if right_padded else "general")
+        path = cfg.attention_path(mask_kind, deterministic=deterministic)
         if segment_ids_bt is not None:
             if cache is not None or mask_bt is not None:
                 raise ValueError("segment_ids_bt replaces mask_bt and cannot be used with a cache")
@@ -264,6 +304,8 @@ class Transformer(nn.Module):
             key_mask_bs[:, None, :] if same_segment_bts is None else key_mask_bs[:, None, :] & same_segment_bts
         )
         mask_b1ts = (causal_ts & (visible_bts | itself_ts))[:, None]
+        if path == "cudnn":  # the fused kernel takes causality as a flag and the padding as key lengths
+            mask_b1ts = None if mask_kind == "causal" else mask_bt
 
         embed = nn.Embed(
             cfg.vocab_size,
@@ -299,14 +341,16 @@ class Transformer(nn.Module):
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_btd, new_layer_kv = scanned(cfg, deterministic, name="layers")(
+            x_btd, new_layer_kv = scanned(cfg, deterministic, path, name="layers")(
                 x_btd, positions_bt, mask_b1ts, layer_kv, index
             )
         else:
             new_layer_kv = []
             for i in range(cfg.n_layers):
                 kv = None if layer_kv is None else layer_kv[i]
-                x_btd, kv = block(cfg, deterministic, name=f"layers_{i}")(x_btd, positions_bt, mask_b1ts, kv, index)
+                x_btd, kv = block(cfg, deterministic, path, name=f"layers_{i}")(
+                    x_btd, positions_bt, mask_b1ts, kv, index
+                )
                 new_layer_kv.append(kv)
         x_btd = _norm(cfg, "final_norm")(x_btd)
         if return_hidden:

@@ -189,6 +189,15 @@ def _segment_ends(max_new_tokens: int) -> list[int]:
     return sorted({-(-max_new_tokens * (i + 1) // DECODE_SEGMENTS) for i in range(DECODE_SEGMENTS)})
 
 
+def kv_slots_per_step(prompt_len: int, max_new_tokens: int) -> float:
+    """The cache slots a decode step of ``generate`` reads, averaged over its ``max_new_tokens`` steps: every
+    slot of the cache as sized for the step's segment (``_segment_ends``), filled or not. A roofline's KV-cache
+    bytes per step are this × 2 (K and V) × layers × rows × kv heads × head dim × bytes per element."""
+    ends = _segment_ends(max_new_tokens)
+    starts = [0] + ends[:-1]
+    return sum((end - start) * (prompt_len + end) for start, end in zip(starts, ends, strict=True)) / max_new_tokens
+
+
 def _decode_loop(
     step_fn, last_logits, carry, rng, temperature, top_k, top_p, eos_id, pad_id, max_new_tokens, vocab, grow=None
 ):

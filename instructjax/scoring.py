@@ -35,10 +35,19 @@ def last_token(values_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
 
 
 def sequence_rewards(
-    model: Transformer, params: Any, tokens_bt: jax.Array, mask_bt: jax.Array, rngs: dict | None = None
+    model: Transformer,
+    params: Any,
+    tokens_bt: jax.Array,
+    mask_bt: jax.Array,
+    rngs: dict | None = None,
+    right_padded: bool = False,
 ) -> jax.Array:
-    """Raw (un-normalised) rewards [B] of right- or left-padded sequences, read at the last real token."""
-    values_bt = model.apply({"params": params}, tokens_bt, mask_bt, deterministic=rngs is None, rngs=rngs)
+    """Raw (un-normalised) rewards [B] of right- or left-padded sequences, read at the last real token.
+    ``right_padded=True`` says every row of ``mask_bt`` is 1s then 0s (the RM's batches): the attention may
+    then take the fused kernel on a GPU (``Transformer.__call__``)."""
+    values_bt = model.apply(
+        {"params": params}, tokens_bt, mask_bt, deterministic=rngs is None, rngs=rngs, right_padded=right_padded
+    )
     return last_token(values_bt, mask_bt)
 
 

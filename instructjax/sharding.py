@@ -22,9 +22,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -306,6 +307,66 @@ def initialize_distributed() -> bool:
             f"got {dict(zip(('address', 'processes', 'process_id'), explicit, strict=True))}"
         )
     return False
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+
+DECODE_LAYOUTS = ("replicated", "train")
+# Leaves every use of which casts them to the compute dtype first (``model.Linear``, ``nn.Embed``,
+# ``sampling._head_vd``): storing them in it for decoding changes no result. Norm scales and biases are not
+# cast (LayerNorm computes in float32 with them) and are small.
+_CAST_FOR_COMPUTE = ("kernel", "embedding")
+
+
+def decode_shardings(param_shardings: Any, replicate: Sequence[str] = ("data", "fsdp")) -> Any:
+    """The parameters' layout for decoding: each ``NamedSharding`` with the mesh axes ``replicate`` dropped from
+    its spec, so parameters are whole over data and fsdp and still split over ``tensor`` where the rules split
+    them (heads, kv_heads, mlp, vocab).
+
+    Why: in the training layout (``embed -> fsdp``) every decode step's matmuls need the whole weights, so the
+    compiled decode loop all-gathers every parameter at every step (on TPU; docs/scaling.md measures it): the
+    parameters cross the interconnect ``max_new_tokens`` times per rollout. Gathered once per iteration into
+    this layout, the loop moves only activations. The cost is memory: a chip holds
+    ``params x bytes(compute dtype) / tensor`` instead of ``params x bytes(param dtype) / (fsdp x tensor)``
+    (bf16 weights: 2.6 GB for 1.3B, 13.4 GB for 6.7B split over the tensor axis). Where that does not fit
+    beside the KV cache, the weights must be split over a wider ``tensor`` axis, or decoding kept in the
+    training layout (``config.decode_layout='train'``)."""
+
+    def one(sh: NamedSharding) -> NamedSharding:
+        spec = []
+        for entry in sh.spec:
+            axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+            kept = tuple(a for a in axes if a not in replicate)
+            spec.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+        return NamedSharding(sh.mesh, PartitionSpec(*spec))
+
+    return jax.tree.map(one, param_shardings)
+
+
+def cast_for_compute(params: Any, dtype: Any) -> Any:
+    """``params`` with the weights that are only ever used cast to the compute dtype (kernels, embeddings)
+    stored in ``dtype``: half the bytes of float32 master weights for bf16 compute, the same results."""
+
+    def one(path, x):
+        key = getattr(path[-1], "key", None) if path else None
+        return x.astype(dtype) if key in _CAST_FOR_COMPUTE else x
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def reshards_for_decoding(mode: str, mesh: Mesh) -> bool:
+    """Whether ``config.decode_layout`` ``mode`` ('replicated' or 'train') moves the policy into the decode layout
+    on ``mesh``: only 'replicated', and only where parameters are split over data or fsdp."""
+    if mode not in DECODE_LAYOUTS:
+        raise ValueError(f"config.decode_layout={mode!r}: expected one of {DECODE_LAYOUTS}")
+    return mode == "replicated" and mesh.shape["data"] * mesh.shape["fsdp"] > 1
+
+
+def to_decode_layout(param_shardings: Any, compute_dtype: Any) -> Callable[[Any], Any]:
+    """A jitted ``params -> params`` into the decode layout (``decode_shardings``, ``cast_for_compute``): run
+    once per PPO iteration before ``sampling.generate``; the training params are left as they are."""
+    dtype = jnp.dtype(compute_dtype)
+    return jax.jit(lambda p: cast_for_compute(p, dtype), out_shardings=decode_shardings(param_shardings))
 
 
 def describe(shardings: Any, shapes: Any) -> dict[str, str]:

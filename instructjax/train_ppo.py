@@ -278,6 +278,7 @@ def make_iteration(
     repeat_k = functools.partial(jnp.repeat, repeats=samples_per_prompt, axis=0)
     repeat = {ndim: jax.jit(repeat_k, out_shardings=sharding.batch_sharding(mesh, rules, ndim)) for ndim in (1, 2)}
     repeat_rows = lambda b: {k: repeat[v.ndim](v) for k, v in b.items()}
+    decode_params = decode_layout(config, plan, mesh)
 
     def iteration(state: ppo_steps.PPOState) -> tuple[ppo_steps.PPOState, dict]:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -285,7 +286,7 @@ def make_iteration(
         t0 = time.perf_counter()
         batch = sharding.to_global(next(iters["prompts"]), mesh, rules)
         gen = sampling.generate(
-            state.params,
+            decode_params(state.params),
             policy_cfg,
             batch["prompt"],
             batch["prompt_mask"],
@@ -343,6 +344,16 @@ def make_iteration(
         return state, out
 
     return iteration
+
+
+def decode_layout(config: Any, plan: ppo_setup.Plan, mesh: Any) -> Callable[[Any], Any]:
+    """The policy's params as generation reads them (``config.decode_layout``): 'replicated' (the default)
+    gathers them once per iteration into ``sharding.decode_shardings``' layout, whole over data and fsdp and
+    stored in the compute dtype, so the decode loop does not all-gather every weight at every step
+    (docs/scaling.md); 'train' decodes from the training layout. Nothing to do where data × fsdp is 1."""
+    if not sharding.reshards_for_decoding(config.get("decode_layout", "replicated"), mesh):
+        return lambda params: params
+    return sharding.to_decode_layout(plan.state_sh.params, plan.policy_cfg.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

@@ -268,12 +268,18 @@ def make_loss_fn(model: Transformer) -> steps.LossFn:
         rngs = None if rng is None else {"dropout": rng}
         if "slots" in batch:  # packed: one forward row per real completion (and the few padding rows)
             rows = batch["tokens"].shape[0]
-            rewards_bk = scoring.sequence_rewards(model, params, batch["tokens"], batch["mask"], rngs)[batch["slots"]]
+            tokens, mask = batch["tokens"], batch["mask"]
+            rewards_bk = scoring.sequence_rewards(model, params, tokens, mask, rngs, right_padded=True)[batch["slots"]]
         else:
             b, k, t = batch["tokens"].shape
             rows = b * k
             rewards_bk = scoring.sequence_rewards(
-                model, params, batch["tokens"].reshape(b * k, t), batch["mask"].reshape(b * k, t), rngs
+                model,
+                params,
+                batch["tokens"].reshape(b * k, t),
+                batch["mask"].reshape(b * k, t),
+                rngs,
+                right_padded=True,  # comparison batches are right-padded (pipeline.encode_comparison)
             ).reshape(b, k)
         pair_mask = batch["pair_mask"] * batch["row_valid"][:, None, None]
         loss, accuracy = losses.ranking_loss(rewards_bk, pair_mask)
@@ -343,7 +349,7 @@ def _mean_demo_reward(model, params, source, fmt, batch_size, mesh, rules) -> fl
 
     @jax.jit
     def rewards(params, batch):
-        r = scoring.sequence_rewards(model, params, batch["tokens"], batch["mask"])
+        r = scoring.sequence_rewards(model, params, batch["tokens"], batch["mask"], right_padded=True)
         return (r * batch["row_valid"]).sum(), batch["row_valid"].sum()
 
     block = sharding.batch_block(mesh, rules)

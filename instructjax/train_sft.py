@@ -204,7 +204,9 @@ def make_loss_fn(model: Transformer, cfg: ModelConfig, config: Any) -> steps.Los
                 params, batch["tokens"], batch["loss_mask"], rngs, segment_ids_bt=batch["segment_ids"]
             )
         else:
-            loss, n_tokens = lm_nll(params, batch["tokens"], batch["loss_mask"], rngs, mask_bt=batch["mask"])
+            # SFT rows are right-padded (pipeline.sft_batches): on a GPU the attention can take the fused kernel
+            mask = batch["mask"]
+            loss, n_tokens = lm_nll(params, batch["tokens"], batch["loss_mask"], rngs, mask_bt=mask, right_padded=True)
         # loss_tokens weight the loss; real_tokens (non-pad) and computed_tokens (B*T) measure throughput.
         out = {"loss_tokens": n_tokens, "real_tokens": batch["mask"].sum(), "computed_tokens": batch["tokens"].size}
         if "ptx_tokens" in batch:  # PPO-init SFT: the pretraining text is ptx_fraction of the objective

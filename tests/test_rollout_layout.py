@@ -1,0 +1,154 @@
+"""The rollout's decode layout (``sharding.decode_shardings``, ``train_ppo.decode_layout``) on 8 fake CPU devices:
+generation gives the same tokens from the training (FSDP) layout and from the decode layout; ``hlo_stats`` finds
+the collectives of a small hand-made program, inside and outside a loop; and the decode loop's collective bytes
+per step fall with the decode layout."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from conftest import load_config
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from instructjax import hlo_stats, sampling, sharding, train_ppo
+from instructjax.model import ModelConfig, Transformer
+
+MAX_NEW = 12
+
+
+def test_hlo_stats_counts_a_gather_per_loop_trip_and_a_reduction_outside():
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+    split, whole = NamedSharding(mesh, P("x")), NamedSharding(mesh, P())
+
+    def f(w, v):
+        def body(i, carry):  # w changes every trip and stays split: it is gathered inside the loop
+            w, acc = carry
+            w = jax.lax.with_sharding_constraint(jnp.sin(w), split)
+            return w, acc + jax.lax.with_sharding_constraint(w * 2.0, whole)[:4]
+
+        return jax.lax.fori_loop(0, 5, body, (w, jnp.zeros(4, w.dtype)))[1], v.sum()
+
+    args = (
+        jax.ShapeDtypeStruct((1024,), jnp.float32, sharding=split),
+        jax.ShapeDtypeStruct((64,), jnp.float32, sharding=split),
+    )
+    stats = hlo_stats.program_stats(jax.jit(f, out_shardings=(whole, whole)).lower(*args).compile().as_text())
+    (loop,) = stats.loops
+    assert loop.trips == 5
+    assert loop.per_trip.collectives == {"all-gather": 4096.0}  # 1024 f32, gathered whole every trip
+    assert stats.outside.collectives.get("all-reduce", 0) >= 4  # the sum of v: partial sums reduced
+    total = stats.total()
+    assert total.collectives["all-gather"] == 5 * 4096
+    assert total.hbm_bytes > 5 * 4096
+
+
+def test_hlo_stats_reads_tpu_style_text():
+    # TPU wraps an async collective in a fusion and leaves the loop's trip count in its condition.
+    text = """HloModule m
+
+%gather (p: bf16[4,128]) -> bf16[16,128] {
+  %p = bf16[4,128]{1,0} parameter(0)
+  ROOT %all-gather.1 = bf16[16,128]{1,0:T(8,128)(2,1)} all-gather(%p), replica_groups=[1,4]<=[4], dimensions={0}
+}
+
+%cond (c: (s32[], bf16[4,128])) -> pred[] {
+  %c = (s32[], bf16[4,128]) parameter(0)
+  %i = s32[] get-tuple-element(%c), index=0
+  %limit = s32[] constant(7)
+  ROOT %lt = pred[] compare(%i, %limit), direction=LT
+}
+
+%body (b: (s32[], bf16[4,128])) -> (s32[], bf16[4,128]) {
+  %b = (s32[], bf16[4,128]) parameter(0)
+  %w = bf16[4,128]{1,0} get-tuple-element(%b), index=1
+  %g = bf16[16,128]{1,0} fusion(%w), kind=kCustom, calls=%gather
+  %i = s32[] get-tuple-element(%b), index=0
+  ROOT %t = (s32[], bf16[4,128]) tuple(%i, %w)
+}
+
+ENTRY %main (x: bf16[4,128]) -> f32[8] {
+  %x = bf16[4,128]{1,0} parameter(0)
+  %zero = s32[] constant(0)
+  %t = (s32[], bf16[4,128]) tuple(%zero, %x)
+  %loop = (s32[], bf16[4,128]) while(%t), condition=%cond, body=%body
+  %r = f32[8]{0} parameter(1)
+  ROOT %all-reduce.2 = f32[8]{0} all-reduce(%r), to_apply=%add
+}
+"""
+    stats = hlo_stats.program_stats(text)
+    (loop,) = stats.loops
+    assert loop.trips == 7 and loop.per_trip.collectives == {"all-gather": 16 * 128 * 2}
+    assert stats.outside.collectives == {"all-reduce": 32}
+    assert stats.total().collectives == {"all-gather": 7 * 4096, "all-reduce": 32}
+    # the fusion reads its shard and writes the whole; the condition's compare reads two s32 and writes a pred
+    assert loop.per_trip.hbm_bytes == 4 * 128 * 2 + 16 * 128 * 2 + 9
+
+
+@pytest.fixture(scope="module")
+def tiny_on_fsdp8():
+    cfg = ModelConfig.from_dict(load_config("configs/model.py", "tiny").model)
+    mesh, rules = sharding.make_mesh((1, 8, 1)), sharding.DEFAULT_RULES
+    params, param_sh = sharding.init_params(
+        Transformer(cfg), jax.random.key(0), np.zeros((1, 8), np.int32), mesh, rules
+    )
+    rng = np.random.default_rng(0)
+    prompts, mask = sampling.pad_prompts([rng.integers(2, cfg.vocab_size, n).tolist() for n in range(3, 11)], 0)
+    return cfg, mesh, rules, params, param_sh, prompts, mask
+
+
+def _decode_step_collectives(cfg, mesh, rules, params, prompts, mask):
+    with sharding.use(mesh, rules):
+        batch = sharding.to_global({"p": prompts, "m": mask}, mesh, rules)
+        traced = sampling._generate_cached.trace(
+            params, batch["p"], batch["m"], jax.random.key(1), jnp.float32(1.0), jnp.float32(1.0), jnp.int32(1),
+            jnp.int32(0), cfg=cfg, max_new_tokens=MAX_NEW, top_k=0,
+        )  # fmt: skip
+        stats = hlo_stats.program_stats(traced.lower().compile().as_text())
+    loops = stats.unknown_trip_loops()
+    return sum(hlo_stats.decode_step_bytes(stats).values()), stats.total(MAX_NEW / len(loops)).collective_bytes
+
+
+def test_decode_layout_gives_the_same_tokens_and_moves_fewer_bytes_per_step(tiny_on_fsdp8):
+    cfg, mesh, rules, params, param_sh, prompts, mask = tiny_on_fsdp8
+    decode_params = sharding.to_decode_layout(param_sh, cfg.dtype)(params)
+    embedding = decode_params["embed"]["embedding"]
+    assert embedding.sharding.spec == P("tensor", None)  # whole over fsdp, still split over tensor (here 1)
+    assert params["embed"]["embedding"].sharding.spec == P("tensor", "fsdp")
+
+    outs = []
+    with sharding.use(mesh, rules):
+        batch = sharding.to_global({"p": prompts, "m": mask}, mesh, rules)
+        for p in (params, decode_params):
+            outs.append(
+                sampling.generate(p, cfg, batch["p"], batch["m"], jax.random.key(3), max_new_tokens=MAX_NEW, eos_id=1)
+            )
+    np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
+    np.testing.assert_allclose(np.asarray(outs[0].logprobs), np.asarray(outs[1].logprobs), atol=1e-5)
+
+    train_step, train_run = _decode_step_collectives(cfg, mesh, rules, params, prompts, mask)
+    decode_step, decode_run = _decode_step_collectives(cfg, mesh, rules, decode_params, prompts, mask)
+    assert decode_step < train_step / 10, (decode_step, train_step)
+    assert decode_run < train_run / 100, (decode_run, train_run)  # the parameters are no longer gathered
+
+
+def test_cast_for_compute_and_the_decode_layout_switch():
+    cfg = ModelConfig.from_dict({**load_config("configs/model.py", "tiny").model, "dtype": "bfloat16"})
+    shapes = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"])
+    cast = jax.eval_shape(lambda p: sharding.cast_for_compute(p, jnp.bfloat16), sharding.strip_boxes(shapes))
+    assert (
+        cast["embed"]["embedding"].dtype == jnp.bfloat16
+        and cast["layers_0"]["attn"]["q"]["kernel"].dtype == jnp.bfloat16
+    )
+    assert cast["final_norm"]["scale"].dtype == jnp.float32  # norms keep their stored dtype
+
+    fsdp, single = sharding.make_mesh((1, 8, 1)), sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    assert sharding.reshards_for_decoding("replicated", fsdp) and not sharding.reshards_for_decoding("train", fsdp)
+    assert not sharding.reshards_for_decoding("replicated", single)
+    with pytest.raises(ValueError, match="config.decode_layout='gathered'"):
+        sharding.reshards_for_decoding("gathered", fsdp)
+    spec = NamedSharding(fsdp, P(("data", "fsdp"), "tensor", None))
+    assert sharding.decode_shardings({"w": spec})["w"].spec == P(None, "tensor", None)
+    config = ml_collections.ConfigDict({"decode_layout": "train"})
+    assert train_ppo.decode_layout(config, None, fsdp)("params") == "params"  # the identity: no copy
