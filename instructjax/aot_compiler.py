@@ -15,7 +15,7 @@ longest (``max_new_tokens`` steps), backward pass and remat recomputation includ
 plus attention, no recomputation), what MFU uses. All per device.
 
 Collectives and memory traffic come from the compiled program's HLO (``hlo_stats``), loops counted as they run;
-``predict`` turns the three counts into a PREDICTED time per chip at its published peaks (``CHIP_PEAKS``).
+``tpu_predict.predict`` turns the three counts into a PREDICTED time per chip at its published peaks.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from instructjax import hlo_stats, sharding
+from instructjax import hlo_stats, sharding, tpu_predict
 
 GiB = 1024**3
 
@@ -42,18 +42,6 @@ GiB = 1024**3
 # /v5p, /v6e): v4 32 GiB HBM2, v5e 16 GiB HBM2, v5p 95 GiB HBM2e, v6e (Trillium) 32 GiB. The compiler keeps
 # a little of it for itself, so a total close to the limit is not a guaranteed fit.
 HBM_GIB_PER_CHIP = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
-# Per chip: bf16 peak FLOP/s, HBM bytes/s, and ICI bytes/s in one direction (half the bidirectional figure), from
-# the Cloud TPU system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e): v5e 197 TFLOPs,
-# 819 GBps, 400 GBps bidirectional; v5p 459 TFLOPs, 2765 GBps, 1200 GBps bidirectional (4800 Gbps); v6e
-# 918 TFLOPs, 1638 GBps, 800 GBps bidirectional; v4 275 TFLOPs, 1200 GBps, and no per-chip ICI figure: its
-# all-reduce bandwidth per Pod (1.1 PB/s) over 4096 chips, 269 GB/s, the same ratio as v5e's (51.2 TB/s over
-# 256 chips = 200 GB/s = its 1600 Gbps).
-CHIP_PEAKS = {
-    "v4": (275e12, 1200e9, 269e9),
-    "v5e": (197e12, 819e9, 200e9),
-    "v5p": (459e12, 2765e9, 600e9),
-    "v6e": (918e12, 1638e9, 400e9),
-}
 # Where ``compile_program`` writes each compiled program's HLO text (``scripts/aot_compile.py --hlo_dir``), so
 # that ``hlo_stats`` can be rerun on it without compiling again; None: nowhere.
 HLO_DIR: str | None = None
@@ -304,48 +292,14 @@ def batch_sharded_outputs(traced, mesh, rules) -> Any:
 
 # ----------------------------------------------------------------------------------------------- prediction
 
-# An all-reduce is a reduce-scatter then an all-gather: its array crosses the links twice.
-_LINK_TRIPS = {"all-reduce": 2.0}
-
-
-def predict(flops: float, hbm_bytes: float, collectives: dict, peaks: tuple, useful_flops: float | None = None) -> dict:
-    """A PREDICTION of one device's time for a program, from its counts (per device) and the chip's ``peaks``
-    (bf16 FLOP/s, HBM bytes/s, ICI bytes/s one way; ``CHIP_PEAKS`` per device): three lower bounds,
-
-        compute = flops / peak,   memory = hbm_bytes / hbm_bw,   ici = Σ_kind bytes_kind × trips_kind / ici_bw
-
-    (``trips`` 2 for an all-reduce, else 1), and ``seconds = max(compute, memory, ici)``: the program cannot be
-    faster than its slowest resource, and is that fast only if the other two overlap with it entirely.
-    ``mfu = useful_flops / (seconds × peak)`` (``useful_flops`` defaults to ``flops``); ``bound`` names the
-    largest term. Nothing here was measured on a TPU."""
-    peak, hbm_bw, ici_bw = peaks
-    bounds = {
-        "compute": flops / peak,
-        "memory": hbm_bytes / hbm_bw,
-        "ici": sum(b * _LINK_TRIPS.get(k, 1.0) for k, b in collectives.items()) / ici_bw,
-    }
-    seconds = max(bounds.values())
-    useful = flops if useful_flops is None else useful_flops
-    return {
-        **{f"{k}_seconds": v for k, v in bounds.items()},
-        "seconds": seconds,
-        "bound": max(bounds, key=bounds.get),
-        "mfu": useful / (seconds * peak) if seconds > 0 else 0.0,
-    }
-
-
-def device_peaks(family: str, chips: int, devices: int) -> tuple:
-    """``CHIP_PEAKS`` of ``family`` per device (v4 lists a chip's two cores as devices where libtpu does)."""
-    return tuple(x * chips / devices for x in CHIP_PEAKS[family])
-
 
 def program_prediction(p: Program, family: str, chips: int, devices: int) -> dict:
     """``predict`` for a compiled program: its matmul FLOPs (``dot_flops``, loops counted), the memory traffic
     and collective bytes of ``hlo_stats``; MFU from the model FLOPs where the program has them (training steps)."""
     if p.error:
         return {}
-    peaks = device_peaks(family, chips, devices)
-    return predict(p.flops, p.hbm_bytes, p.collectives, peaks, p.model_flops)
+    peaks = tpu_predict.device_peaks(family, chips, devices)
+    return tpu_predict.predict(p.flops, p.hbm_bytes, p.collectives, peaks, p.model_flops)
 
 
 # ----------------------------------------------------------------------------------------------- the report

@@ -1,5 +1,5 @@
-"""The accelerator benchmark's code path, at tiny shapes on CPU (``benchmarks/accelerator.py --smoke``): what a
-GPU session runs first must not be broken when it gets there."""
+"""The benchmarks' code paths at tiny shapes on CPU (``benchmarks/accelerator.py --smoke``, ``ppo_iteration.py``):
+what a GPU session runs first must not be broken when it gets there."""
 
 import json
 import subprocess
@@ -9,39 +9,36 @@ import pytest
 from conftest import REPO
 
 
-@pytest.mark.slow
-def test_accelerator_benchmark_smoke_prints_its_figures():
+def run_benchmark(script: str, *args: str) -> tuple[dict, str]:
+    """``python benchmarks/SCRIPT ARGS`` on CPU: its last stdout line as JSON, and the whole stdout."""
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks/accelerator.py"), "--smoke", "--repeats=1"],
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
         capture_output=True,
         text=True,
         check=True,
         cwd=REPO,
         env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
     )
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stdout
+
+
+@pytest.mark.slow
+def test_accelerator_benchmark_smoke_prints_its_figures():
+    result, stdout = run_benchmark("accelerator.py", "--smoke", "--repeats=1")
     assert result["peaks"] == "measured" and result["peak_flops_per_s"] > 0 and result["hbm_bytes_per_s"] > 0
     assert 0 < result["sft"]["mfu"] < 1 and result["sft"]["batch"] == 32
     assert 0 < result["decode"]["fraction_of_roofline"] < 1
     ppo = result["ppo"]["small"]
     assert set(ppo["seconds"]) == {"generate", "score", "update", "ptx"} and ppo["compiles_after_first"] == 0
     assert ppo["peak_host_rss_bytes"] > 0 and 0 < ppo["generation_share"] < 1
-    assert "MFU" in done.stdout and "of the HBM roofline" in done.stdout
+    assert "MFU" in stdout and "of the HBM roofline" in stdout
 
 
 def test_ppo_iteration_benchmark_reports_every_phase():
     """``benchmarks/ppo_iteration.py`` at the tiny shape: four timed phases, nothing compiled after the first
     iteration, and the decode step against the measured read bandwidth."""
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks/ppo_iteration.py"), "--model=tiny", "--batch=8", "--minibatch=4"]
-        + ["--prompt_len=8", "--response_len=8", "--ptx_ratio=2"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=REPO,
-        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
-    )
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    shape = ["--batch=8", "--minibatch=4", "--prompt_len=8", "--response_len=8", "--ptx_ratio=2"]
+    result, _ = run_benchmark("ppo_iteration.py", "--model=tiny", *shape)
     assert set(result["seconds"]) == {"generate", "score", "update", "ptx"}
     assert all(result["flops"][k] > 0 for k in result["seconds"]) and result["ptx_rows_per_minibatch"] == 8
     assert result["compiled_first_iteration"] > 0 and result["compiles_after_first"] == 0
