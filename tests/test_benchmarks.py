@@ -37,7 +37,9 @@ def test_accelerator_benchmark_smoke_prints_its_figures():
 def test_ppo_iteration_benchmark_reports_every_phase():
     """``benchmarks/ppo_iteration.py`` at the tiny shape: four timed phases, nothing compiled after the first
     iteration, and the decode step against the measured read bandwidth."""
-    shape = ["--batch=8", "--minibatch=4", "--prompt_len=8", "--response_len=8", "--ptx_ratio=2"]
+    # 32 decode steps and the best of 3: the decode step is a difference of two timings, which 8 steps timed
+    # once on a busy machine could turn negative
+    shape = ["--batch=8", "--minibatch=4", "--prompt_len=8", "--response_len=32", "--ptx_ratio=2", "--repeats=3"]
     result, _ = run_benchmark("ppo_iteration.py", "--model=tiny", *shape)
     assert set(result["seconds"]) == {"generate", "score", "update", "ptx"}
     assert all(result["flops"][k] > 0 for k in result["seconds"]) and result["ptx_rows_per_minibatch"] == 8
