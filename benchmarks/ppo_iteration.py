@@ -97,24 +97,27 @@ def matmul_rate(repeats: int) -> float:
 
 def phase_flops(cfg: ModelConfig, n_params: int, episodes: int, prompt: int, new: int, ptx_rows: int) -> dict:
     """Model FLOPs of each phase: 2·N per token forward and 6·N forward and backward, where N counts the weights
-    a token is multiplied by (the LM head for the policy and reference, not the value model's and RM's; no
-    embedding lookups), plus attention: 2·2·layers·d_model per query-key pair forward. Generation is the
-    prefill and one cached step per response token; scoring is four forward passes over prompt + response;
-    the update is the policy and value model forward and backward; ptx is the policy on its rows."""
+    a token is multiplied by (no embedding lookups), plus attention: 2·2·layers·d_model per query-key pair
+    forward. The LM head (vocab × d_model) counts where its logits are used: every position in generation's
+    prefill and steps and in the ptx rows, the response positions only when the policy and the reference score
+    a response (``scoring.response_logprobs``); the value model's and RM's scalar heads are not counted.
+    Generation is the prefill and one cached step per response token; scoring is four forward passes over
+    prompt + response; the update is the policy and value model forward and backward; ptx is the policy on its
+    rows."""
     table = cfg.vocab_size * cfg.d_model
     positions = cfg.max_len * cfg.d_model * (cfg.positions == "learned")
     body = n_params - table * (1 if cfg.tie_embeddings else 2) - positions
-    lm, value = body + table, body
     length = prompt + new
     attn = lambda rows, q, k: 4 * cfg.n_layers * cfg.d_model * rows * q * k  # q queries over k keys each
     forward = lambda n: 2 * n * episodes * length + attn(episodes, length, (length + 1) / 2)
-    generate = 2 * lm * episodes * length + attn(episodes, prompt, (prompt + 1) / 2)
+    response_head = 2 * table * episodes * new
+    generate = 2 * (body + table) * episodes * length + attn(episodes, prompt, (prompt + 1) / 2)
     generate += attn(episodes, new, prompt + (new + 1) / 2)
     return {
         "generate": generate,
-        "score": 2 * forward(lm) + 2 * forward(value),
-        "update": 3 * forward(lm) + 3 * forward(value),
-        "ptx": 3 * forward(lm) * ptx_rows / episodes,
+        "score": 2 * (forward(body) + response_head) + 2 * forward(body),
+        "update": 3 * (forward(body) + response_head) + 3 * forward(body),
+        "ptx": 3 * forward(body + table) * ptx_rows / episodes,
     }
 
 

@@ -10,7 +10,7 @@
 - ``response_logprobs``/``response_values``: an LM's log-probs (and entropy) and a value model's estimates
   for the response tokens of prompt ⊕ response, one full forward each.
 
-This module sits low in the package (it needs only the model and the losses), so the reward model
+This module sits low in the package (it needs only the model), so the reward model
 (``reward.py``), the rollouts (``rollout.py``) and evaluation (``evaluate.py``) share it without importing
 each other.
 """
@@ -22,7 +22,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from instructjax import losses
 from instructjax.model import Transformer
 
 
@@ -57,11 +56,16 @@ def response_logprobs(
     """``(log π(y_t), entropy_t)`` for the response tokens (positions ``prompt_len:``) of prompt ⊕ response,
     with the logits divided by the sampling temperature, so the ratio and the KL compare the distributions the
     responses were drawn from (as Ziegler et al.'s and Huang et al. 2024's code do; the paper samples at 1)."""
-    logits = model.apply({"params": params}, tokens_bt, mask_bt) / temperature
-    logp = losses.token_logprobs(logits, tokens_bt)[:, prompt_len:]
-    step_logits = logits[:, prompt_len - 1 : -1].astype(jnp.float32)  # the logits that predicted each y_t
-    log_softmax = jax.nn.log_softmax(step_logits, axis=-1)
-    entropy = -(jnp.exp(log_softmax) * log_softmax).sum(axis=-1)
+    if prompt_len < 1:
+        raise ValueError(f"prompt_len={prompt_len}: the first response token is predicted from a prompt token")
+    # Only the logits that predicted each y_t (positions prompt_len-1 .. T-2): the head skips the prompt's.
+    logits = model.apply({"params": params}, tokens_bt, mask_bt, head_from=prompt_len - 1)[:, :-1]
+    logits = logits.astype(jnp.float32) / temperature
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    # logit[y] - logsumexp: never a [B,N,V] log-softmax under the update's gradient (the entropy is not
+    # differentiated, so its softmax is computed in scoring only).
+    logp = jnp.take_along_axis(logits, tokens_bt[:, prompt_len:, None], axis=-1)[..., 0] - lse
+    entropy = lse - (jax.nn.softmax(logits, axis=-1) * logits).sum(axis=-1)
     return logp, entropy
 
 

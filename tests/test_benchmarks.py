@@ -1,5 +1,5 @@
-"""The benchmarks' code paths at tiny shapes on CPU (``benchmarks/accelerator.py --smoke``, ``ppo_iteration.py``):
-what a GPU session runs first must not be broken when it gets there."""
+"""The benchmarks' code paths at tiny shapes on CPU (``accelerator.py --smoke``, ``ppo_iteration.py``,
+``tunix_compare.py``): what a GPU session runs first must not be broken when it gets there."""
 
 import json
 import subprocess
@@ -46,3 +46,13 @@ def test_ppo_iteration_benchmark_reports_every_phase():
     assert result["compiled_first_iteration"] > 0 and result["compiles_after_first"] == 0
     assert result["iteration_s"] == pytest.approx(sum(result["seconds"].values()))
     assert result["decode"]["fraction_of_read_bandwidth"] > 0 and result["peak_host_rss_bytes"] > 0
+
+
+def test_tunix_comparison_runs_the_same_function_on_both_sides():
+    """Only where google-tunix is installed (``pip install -e '.[compare]'``): the weights copied into Tunix's
+    Llama give the same logits and the same greedy tokens as instructjax's model."""
+    pytest.importorskip("tunix")
+    args = ("--vocab=512", "--d_model=64", "--layers=2", "--batch=2", "--prompt=8", "--new=8", "--repeats=1")
+    result, _ = run_benchmark("tunix_compare.py", *args)
+    assert result["logits_max_abs_diff"] < 1e-4 and result["greedy_token_agreement"] == 1.0
+    assert result["tokens_per_s"]["instructjax"] > 0 and result["tokens_per_s"]["tunix"] > 0

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from conftest import kill_after_checkpoint, load_config
 
-from instructjax import checkpoint, losses, ppo_steps, rollout, train_ppo
+from instructjax import checkpoint, losses, ppo_steps, rollout, scoring, train_ppo
 from instructjax.metrics import read_metrics
+from instructjax.model import ModelConfig, Transformer
 
 
 def ppo_config(policy_from, rm_from, **overrides):
@@ -123,6 +124,28 @@ def test_ppo_policy_and_value_losses_match_numpy():
     np.testing.assert_allclose(got, want, rtol=1e-5)
     got, _ = losses.value_loss(jnp.asarray(values), r["values"], jnp.asarray(returns), m, 0.0)
     np.testing.assert_allclose(got, 0.5 * ((values - returns) ** 2 * m).sum() / m.sum(), rtol=1e-5)
+
+
+def test_response_logprobs_and_entropy_match_numpy_over_the_full_logits():
+    """The head reads only the positions that predict the response (``head_from``): its log-probs and entropy
+    equal a NumPy log-softmax of the full forward's logits at those positions."""
+    cfg = ModelConfig.from_dict({**load_config("configs/model.py", "tiny").model.to_dict(), "dropout_rate": 0.0})
+    model, p, n = Transformer(cfg), 5, 6
+    rng = np.random.RandomState(0)
+    tokens = rng.randint(1, cfg.vocab_size, (3, p + n)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    mask[0, :2] = 0  # a left-padded prompt
+    mask[1, p + 3 :] = 0  # a response that ended early
+    params = model.init(jax.random.key(0), tokens[:, :4])["params"]
+    logp, entropy = scoring.response_logprobs(model, params, tokens, mask, p, temperature=0.7)
+    logits = np.asarray(model.apply({"params": params}, tokens, mask), np.float64)[:, p - 1 : -1] / 0.7
+    log_softmax = logits - logits.max(-1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+    want = np.take_along_axis(log_softmax, tokens[:, p:, None], axis=-1)[..., 0]
+    np.testing.assert_allclose(logp, want, atol=2e-5)
+    np.testing.assert_allclose(entropy, -(np.exp(log_softmax) * log_softmax).sum(-1), atol=2e-5)
+    with pytest.raises(ValueError, match="prompt_len=0"):
+        scoring.response_logprobs(model, params, tokens, mask, 0, temperature=1.0)
 
 
 def test_adaptive_kl_controller():

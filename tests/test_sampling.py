@@ -253,3 +253,21 @@ def test_prompt_validation():
     tokens, mask = sampling.pad_prompts([list(range(2, 122))], pad_id=0, buckets=(128,))
     with pytest.raises(ValueError, match=r"prompt \(120 tokens\) \+ max_new_tokens \(16\) exceeds model.max_len=128"):
         sampling.generate(params_for(cfg), cfg, tokens, mask, jax.random.key(0), max_new_tokens=16, eos_id=1)
+
+
+def test_scanned_model_decodes_unrolled_with_the_same_tokens():
+    """``generate`` unrolls a scanned model's layers for decoding (``sampling.unrolled_layers``): the same
+    weights stacked or unrolled give the same greedy tokens and log-probs."""
+    cfg = make_cfg("tiny_llama")
+    unrolled = params_for(cfg)
+    stacked = {k: v for k, v in unrolled.items() if not k.startswith("layers_")}
+    stacked["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *[unrolled[f"layers_{i}"] for i in range(cfg.n_layers)])
+    scanned_cfg = dataclasses.replace(cfg, scan_layers=True, remat="full")
+    back, back_cfg = sampling.unrolled_layers(stacked, scanned_cfg)
+    assert not back_cfg.scan_layers and back_cfg.remat == "none" and set(back) == set(unrolled)
+    tokens, mask = sampling.pad_prompts(PROMPTS, pad_id=0, buckets=(16,))
+    kw = dict(max_new_tokens=8, eos_id=-1, temperature=0.0)
+    a = sampling.generate(unrolled, cfg, tokens, mask, jax.random.key(0), **kw)
+    b = sampling.generate(stacked, scanned_cfg, tokens, mask, jax.random.key(0), **kw)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
