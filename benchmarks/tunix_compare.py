@@ -12,8 +12,8 @@ Then each decodes ``--new`` tokens greedily after ``--batch`` prompts of ``--pro
 the EOS is an id outside the vocabulary), taking turns (``timing.best_interleaved``), the best of ``--repeats``.
 
 What each timing holds: instructjax's ``sampling.generate`` on token arrays; Tunix's ``Sampler.__call__``,
-whose interface is text, with a tokenizer here that reads and writes token ids as decimal strings (its
-host-side work is the string round trip of ``--batch`` × (prompt + new) ids, under a millisecond here).
+whose interface is text, with a tokenizer here that reads and writes token ids as decimal strings (so its
+time includes that string round trip of ``--batch`` × (prompt + new) ids on the host; not timed apart).
 
 Tunix's RoPE (``llama3.model.apply_rope``, version 0.1.7) uses its default base of 1,000,000, not the
 ``rope_theta`` of its config, so the model here has ``rope_theta`` = 1e6 on both sides. The last line
