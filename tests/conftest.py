@@ -101,13 +101,14 @@ def rm_dir(small_world, sft_dir, tmp_path_factory):
 def step_of_running_job(workdir: pathlib.Path) -> int:
     """The latest checkpointed step of a job that is still writing (0 if none yet). Orbax lists the steps,
     then reads each one's metadata: a step the job garbage-collects in between (keep-N) is gone by then,
-    so that read is retried."""
+    so that read is retried. Orbax checks ``exists()`` then ``is_dir()``: a step removed between the two
+    reads as "not a directory", the same race."""
     from instructjax import checkpoint
 
     for _ in range(100):
         try:
             return checkpoint.final_step(workdir) or 0
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             continue
     raise RuntimeError(f"the checkpoints of {workdir} kept vanishing while read")
 
