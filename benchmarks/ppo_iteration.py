@@ -103,7 +103,8 @@ def phase_flops(cfg: ModelConfig, n_params: int, episodes: int, prompt: int, new
     a response (``scoring.response_logprobs``); the value model's and RM's scalar heads are not counted.
     Generation is the prefill and one cached step per response token; scoring is four forward passes over
     prompt + response; the update is the policy and value model forward and backward; ptx is the policy on its
-    rows."""
+    rows. Recomputation is not counted: neither remat's nor the update's second head matmul per block
+    (``scoring.token_logprobs`` recomputes its logits in the backward pass rather than keep them)."""
     table = cfg.vocab_size * cfg.d_model
     positions = cfg.max_len * cfg.d_model * (cfg.positions == "learned")
     body = n_params - table * (1 if cfg.tie_embeddings else 2) - positions

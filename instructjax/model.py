@@ -253,7 +253,6 @@ class Transformer(nn.Module):
         deterministic: bool = True,
         return_hidden: bool = False,
         right_padded: bool = False,
-        head_from: int = 0,
     ):
         """``segment_ids_bt`` (packed pretraining, no cache): tokens attend only within their segment
         (id > 0; 0 is padding) and positions restart at each segment; it replaces ``mask_bt``.
@@ -262,9 +261,7 @@ class Transformer(nn.Module):
         head); with ``cache=`` still ``(hidden, new_cache)``. ``right_padded=True`` (no cache, no segments)
         promises that each row of ``mask_bt`` is 1s then 0s, which lets attention take cuDNN's fused kernel
         (``ModelConfig.attention_path``); the mask's values are not checked, so a left-padded mask with it
-        attends to the wrong keys on that path. ``head_from``: the head reads positions ``head_from:`` only, so
-        the output is [B,T-head_from,...] (a scorer that needs only the response's logits skips the prompt's:
-        the LM head is a third of a 124M model's forward FLOPs)."""
+        attends to the wrong keys on that path."""
         cfg = self.cfg
         batch, length = tokens_bt.shape
         if right_padded and (cache is not None or segment_ids_bt is not None):
@@ -355,7 +352,7 @@ class Transformer(nn.Module):
                     x_btd, positions_bt, mask_b1ts, kv, index
                 )
                 new_layer_kv.append(kv)
-        x_btd = _norm(cfg, "final_norm")(x_btd)[:, head_from:]
+        x_btd = _norm(cfg, "final_norm")(x_btd)
         if return_hidden:
             if cfg.tie_embeddings:
                 embed.attend(x_btd[:, :0])  # zero-width call: the head's params exist as in a normal init
@@ -404,8 +401,11 @@ class Transformer(nn.Module):
 
 
 def unembedding(params: Any, cfg: ModelConfig) -> Array:
-    """The [V, D] output projection of an lm-head model: the token embedding when tied."""
-    return params["embed"]["embedding"] if cfg.tie_embeddings else params["lm_head"]["kernel"].T
+    """The [V, D] output projection of an lm-head model: the token embedding when tied. ``params`` as
+    ``model.apply`` takes them, boxed (straight from ``init``) or not."""
+    table = params["embed"]["embedding"] if cfg.tie_embeddings else params["lm_head"]["kernel"]
+    table = nn.unbox(table)
+    return table if cfg.tie_embeddings else table.T
 
 
 def count_params(params: Any) -> int:

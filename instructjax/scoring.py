@@ -17,12 +17,14 @@ each other.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from instructjax.model import Transformer
+from instructjax.model import Transformer, unembedding
 
 
 def last_token(values_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
@@ -55,18 +57,112 @@ def response_logprobs(
 ) -> tuple[jax.Array, jax.Array]:
     """``(log π(y_t), entropy_t)`` for the response tokens (positions ``prompt_len:``) of prompt ⊕ response,
     with the logits divided by the sampling temperature, so the ratio and the KL compare the distributions the
-    responses were drawn from (as Ziegler et al.'s and Huang et al. 2024's code do; the paper samples at 1)."""
+    responses were drawn from (as Ziegler et al.'s and Huang et al. 2024's code do; the paper samples at 1).
+    The LM head runs on the positions that predict the response only, a block at a time (``token_logprobs``)."""
     if prompt_len < 1:
         raise ValueError(f"prompt_len={prompt_len}: the first response token is predicted from a prompt token")
-    # Only the logits that predicted each y_t (positions prompt_len-1 .. T-2): the head skips the prompt's.
-    logits = model.apply({"params": params}, tokens_bt, mask_bt, head_from=prompt_len - 1)[:, :-1]
-    logits = logits.astype(jnp.float32) / temperature
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    # logit[y] - logsumexp: never a [B,N,V] log-softmax under the update's gradient (the entropy is not
-    # differentiated, so its softmax is computed in scoring only).
-    logp = jnp.take_along_axis(logits, tokens_bt[:, prompt_len:, None], axis=-1)[..., 0] - lse
-    entropy = lse - (jax.nn.softmax(logits, axis=-1) * logits).sum(axis=-1)
+    hidden = model.apply({"params": params}, tokens_bt, mask_bt, return_hidden=True)
+    # Positions prompt_len-1 .. T-2 predict y_t; the prompt's other positions never reach the head.
+    return token_logprobs(
+        hidden[:, prompt_len - 1 : -1], unembedding(params, model.cfg), tokens_bt[:, prompt_len:], temperature
+    )
+
+
+def token_logprobs(
+    hidden_bnd: jax.Array, unembed_vd: jax.Array, targets_bn: jax.Array, temperature: float, block_rows: int = 256
+) -> tuple[jax.Array, jax.Array]:
+    """``(log p(y), H(p))`` [B,N] of ``p = softmax(hidden @ unembed_vd.T / temperature)`` without the [B,N,V]
+    logits: ``max(1, block_rows // B)`` positions of every row at a time (about ``block_rows`` rows of logits at
+    once; 256 was the fastest of 64-1,024 for the forward and the gradient at 19M on machine G)::
+
+        z = h·Wᵀ/τ,  lse = log Σ_v exp z_v,  log p(y) = z_y - lse,  H = lse - Σ_v p_v z_v
+
+    One exp per logit serves the log-sum-exp and the entropy. The custom VJP recomputes each block's logits
+    and applies ``∂log p(y)/∂z = onehot(y) - p`` and ``∂H/∂z = -p ⊙ (z - Σ p z)``, so neither pass keeps the
+    logits: on CPU the full [B,N,V] array and its passes cost more than the head's matmul at long responses
+    (docs/benchmarks.md, "How each phase grows"); the backward pass does one head matmul more than autodiff.
+    Same values and gradients as the plain log-softmax (tests/test_ppo.py). The batch axis stays whole in
+    every block, so a batch-sharded ``hidden_bnd`` stays sharded.
+
+    Shapes: hidden [B,N,D], unembed [V,D] (``model.unembedding``), targets [B,N] token ids.
+    """
+    block = max(1, block_rows // hidden_bnd.shape[0])
+    return _token_logprobs(hidden_bnd, unembed_vd, targets_bn, float(temperature), block)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _token_logprobs(hidden_bnd, unembed_vd, targets_bn, temperature, block):
+    logp, entropy, _ = _token_forward(hidden_bnd, unembed_vd, targets_bn, temperature, block)
     return logp, entropy
+
+
+def _blocks(x: jax.Array, block: int) -> jax.Array:
+    """[B,N,...] -> [N/block, B, block, ...], N zero-padded to a multiple of ``block``."""
+    b, n = x.shape[:2]
+    pad = -n % block
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(b, (n + pad) // block, block, *x.shape[2:]), 1, 0)
+
+
+def _unblocks(x_kbc: jax.Array, n: int) -> jax.Array:
+    """The inverse of ``_blocks`` for [N/block, B, block] -> [B, N]."""
+    k, b, c = x_kbc.shape
+    return jnp.moveaxis(x_kbc, 0, 1).reshape(b, k * c)[:, :n]
+
+
+def _block_logits(h_bcd: jax.Array, w_vd: jax.Array, temperature: float) -> jax.Array:
+    # The head's own arithmetic (model.py): hidden-dtype inputs, float32 logits.
+    return jnp.einsum("bcd,vd->bcv", h_bcd, w_vd, preferred_element_type=jnp.float32) / temperature
+
+
+def _token_forward(hidden_bnd, unembed_vd, targets_bn, temperature, block):
+    n = hidden_bnd.shape[1]
+    w_vd = unembed_vd.astype(hidden_bnd.dtype)
+
+    def one_block(xs):
+        h_bcd, y_bc = xs
+        z = _block_logits(h_bcd, w_vd, temperature)
+        top = z.max(axis=-1)
+        unnormalised = jnp.exp(z - top[..., None])
+        total = unnormalised.sum(axis=-1)
+        lse = top + jnp.log(total)
+        picked = jnp.take_along_axis(z, y_bc[..., None], axis=-1)[..., 0]
+        return picked - lse, lse - (unnormalised * z).sum(axis=-1) / total, lse
+
+    logp, entropy, lse = jax.lax.map(one_block, (_blocks(hidden_bnd, block), _blocks(targets_bn, block)))
+    return _unblocks(logp, n), _unblocks(entropy, n), _unblocks(lse, n)
+
+
+def _token_fwd(hidden_bnd, unembed_vd, targets_bn, temperature, block):
+    logp, entropy, lse = _token_forward(hidden_bnd, unembed_vd, targets_bn, temperature, block)
+    return (logp, entropy), (hidden_bnd, unembed_vd, targets_bn, lse, entropy)
+
+
+def _token_bwd(temperature, block, residuals, cotangents):
+    hidden_bnd, unembed_vd, targets_bn, lse, entropy = residuals
+    g_logp, g_entropy = cotangents
+    w_vd = unembed_vd.astype(hidden_bnd.dtype)
+    mean_z = lse - entropy  # Σ_v p_v z_v
+
+    def body(g_w, xs):
+        h, y, lse_c, mean_c, g_lp, g_h_ent = xs
+        z = _block_logits(h, w_vd, temperature)
+        p = jnp.exp(z - lse_c[..., None])
+        g_z = -p * (g_lp[..., None] + g_h_ent[..., None] * (z - mean_c[..., None]))
+        g_z = g_z + g_lp[..., None] * jax.nn.one_hot(y, z.shape[-1], dtype=z.dtype)
+        g_z = g_z / temperature
+        g_h = jnp.einsum("bcv,vd->bcd", g_z.astype(w_vd.dtype), w_vd, preferred_element_type=jnp.float32)
+        return g_w + jnp.einsum("bcv,bcd->vd", g_z, h.astype(jnp.float32)), g_h
+
+    xs = tuple(_blocks(x, block) for x in (hidden_bnd, targets_bn, lse, mean_z, g_logp, g_entropy))
+    g_w, g_h = jax.lax.scan(body, jnp.zeros(unembed_vd.shape, jnp.float32), xs)
+    n = hidden_bnd.shape[1]
+    g_hidden = jnp.moveaxis(g_h, 0, 1).reshape(hidden_bnd.shape[0], -1, hidden_bnd.shape[2])[:, :n]
+    g_targets = np.zeros(targets_bn.shape, jax.dtypes.float0)
+    return g_hidden.astype(hidden_bnd.dtype), g_w.astype(unembed_vd.dtype), g_targets
+
+
+_token_logprobs.defvjp(_token_fwd, _token_bwd)
 
 
 def response_values(

@@ -127,8 +127,9 @@ def test_ppo_policy_and_value_losses_match_numpy():
 
 
 def test_response_logprobs_and_entropy_match_numpy_over_the_full_logits():
-    """The head reads only the positions that predict the response (``head_from``): its log-probs and entropy
-    equal a NumPy log-softmax of the full forward's logits at those positions."""
+    """The head reads only the positions that predict the response, a block at a time
+    (``scoring.token_logprobs``): its log-probs and entropy equal a NumPy log-softmax of the full forward's
+    logits at those positions."""
     cfg = ModelConfig.from_dict({**load_config("configs/model.py", "tiny").model.to_dict(), "dropout_rate": 0.0})
     model, p, n = Transformer(cfg), 5, 6
     rng = np.random.RandomState(0)
@@ -146,6 +147,40 @@ def test_response_logprobs_and_entropy_match_numpy_over_the_full_logits():
     np.testing.assert_allclose(entropy, -(np.exp(log_softmax) * log_softmax).sum(-1), atol=2e-5)
     with pytest.raises(ValueError, match="prompt_len=0"):
         scoring.response_logprobs(model, params, tokens, mask, 0, temperature=1.0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_token_logprobs_gradients_match_autodiff_of_the_plain_log_softmax(dtype):
+    """The blocked head's custom VJP (logits recomputed per block) gives the gradients autodiff gives through
+    the full [B,N,V] log-softmax, for cotangents on both the log-probs and the entropy, with N not a multiple
+    of the block (padded positions) and a temperature."""
+    rng = np.random.RandomState(1)
+    b, n, d, v, temperature = 3, 7, 16, 50, 0.7
+    hidden = jnp.asarray(rng.randn(b, n, d), dtype)
+    unembed = jnp.asarray(rng.randn(v, d) * 0.5, jnp.float32)
+    targets = jnp.asarray(rng.randint(0, v, (b, n)), jnp.int32)
+    g_logp, g_entropy = jnp.asarray(rng.randn(b, n)), jnp.asarray(rng.randn(b, n))
+
+    def plain(h, w):
+        z = jnp.einsum("bnd,vd->bnv", h, w.astype(h.dtype), preferred_element_type=jnp.float32) / temperature
+        log_p = jax.nn.log_softmax(z, axis=-1)
+        entropy = -(jnp.exp(log_p) * log_p).sum(-1)
+        return jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0], entropy
+
+    def blocked(h, w):
+        return scoring.token_logprobs(h, w, targets, temperature, block_rows=9)  # 3 positions a block
+
+    def objective(fn):
+        return lambda h, w: sum((out * g).sum() for out, g in zip(fn(h, w), (g_logp, g_entropy)))
+
+    for got, want in zip(blocked(hidden, unembed), plain(hidden, unembed)):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    got = jax.grad(objective(blocked), argnums=(0, 1))(hidden, unembed)
+    want = jax.grad(objective(plain), argnums=(0, 1))(hidden, unembed)
+    tol = 1e-4 if dtype == "float32" else 5e-2  # bf16 hidden: its gradient is rounded to bf16 either way
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=tol, rtol=tol)
 
 
 def test_adaptive_kl_controller():
