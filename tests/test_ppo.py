@@ -171,14 +171,14 @@ def test_token_logprobs_gradients_match_autodiff_of_the_plain_log_softmax(dtype)
         return scoring.token_logprobs(h, w, targets, temperature, block_rows=9)  # 3 positions a block
 
     def objective(fn):
-        return lambda h, w: sum((out * g).sum() for out, g in zip(fn(h, w), (g_logp, g_entropy)))
+        return lambda h, w: sum((out * g).sum() for out, g in zip(fn(h, w), (g_logp, g_entropy), strict=True))
 
-    for got, want in zip(blocked(hidden, unembed), plain(hidden, unembed)):
+    for got, want in zip(blocked(hidden, unembed), plain(hidden, unembed), strict=True):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
     got = jax.grad(objective(blocked), argnums=(0, 1))(hidden, unembed)
     want = jax.grad(objective(plain), argnums=(0, 1))(hidden, unembed)
     tol = 1e-4 if dtype == "float32" else 5e-2  # bf16 hidden: its gradient is rounded to bf16 either way
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=tol, rtol=tol)
 
