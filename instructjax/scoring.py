@@ -77,12 +77,14 @@ def token_logprobs(
 
         z = h·Wᵀ/τ,  lse = log Σ_v exp z_v,  log p(y) = z_y - lse,  H = lse - Σ_v p_v z_v
 
-    One exp per logit serves the log-sum-exp and the entropy. The custom VJP recomputes each block's logits
-    and applies ``∂log p(y)/∂z = onehot(y) - p`` and ``∂H/∂z = -p ⊙ (z - Σ p z)``, so neither pass keeps the
-    logits: on CPU the full [B,N,V] array and its passes cost more than the head's matmul at long responses
+    One exp per logit serves the log-sum-exp and the entropy. The custom VJP recomputes the logits a slice of
+    the vocabulary at a time, for every position (8 times as many blocks as the forward), and applies
+    ``∂log p(y)/∂z = onehot(y) - p`` and ``∂H/∂z = -p ⊙ (z - Σ p z)``, so neither pass keeps the logits: on CPU
+    the full [B,N,V] array and its passes cost more than the head's matmul at long responses
     (docs/benchmarks.md, "How each phase grows"); the backward pass does one head matmul more than autodiff.
     Same values and gradients as the plain log-softmax (tests/test_ppo.py). The batch axis stays whole in
-    every block, so a batch-sharded ``hidden_bnd`` stays sharded.
+    every block of both passes, so a batch-sharded ``hidden_bnd`` stays sharded, and the [V,D] weight gradient
+    is all-reduced once, as autodiff's is (tests/test_rollout_layout.py).
 
     Shapes: hidden [B,N,D], unembed [V,D] (``model.unembedding``), targets [B,N] token ids.
     """
@@ -139,27 +141,36 @@ def _token_fwd(hidden_bnd, unembed_vd, targets_bn, temperature, block):
 
 
 def _token_bwd(temperature, block, residuals, cotangents):
+    # Vocabulary blocks, not position blocks: each block's logits for every position, from the forward's lse
+    # and Σ p z. A position-blocked backward sums the [V,D] gradient over blocks in a loop carry, and with the
+    # batch sharded XLA all-reduced that carry once per block (k times the bytes of autodiff's one all-reduce;
+    # tests/test_rollout_layout.py); here the carry is the batch-sharded [B,N,D] hidden gradient, which needs no
+    # collective, and each block's [V/k,D] slice of the weight gradient is reduced once.
     hidden_bnd, unembed_vd, targets_bn, lse, entropy = residuals
-    g_logp, g_entropy = cotangents
-    w_vd = unembed_vd.astype(hidden_bnd.dtype)
-    mean_z = lse - entropy  # Σ_v p_v z_v
+    g_logp, g_entropy = (g[..., None] for g in cotangents)
+    b, n, d = hidden_bnd.shape
+    v = unembed_vd.shape[0]
+    # 8x the forward's blocks: each holds the logits of about block_rows / 8 positions' rows, which was faster
+    # than 1-4x (larger blocks) and 16-32x on machine G (docs/benchmarks.md).
+    k = 8 * -(-n // block)
+    vb = -(-v // k)
+    w_kvd = jnp.pad(unembed_vd.astype(hidden_bnd.dtype), ((0, k * vb - v), (0, 0))).reshape(k, vb, d)
+    lse, mean_z = lse[..., None], (lse - entropy)[..., None]  # mean_z = Σ_v p_v z_v
+    h_f32 = hidden_bnd.astype(jnp.float32)
 
-    def body(g_w, xs):
-        h, y, lse_c, mean_c, g_lp, g_h_ent = xs
-        z = _block_logits(h, w_vd, temperature)
-        p = jnp.exp(z - lse_c[..., None])
-        g_z = -p * (g_lp[..., None] + g_h_ent[..., None] * (z - mean_c[..., None]))
-        g_z = g_z + g_lp[..., None] * jax.nn.one_hot(y, z.shape[-1], dtype=z.dtype)
+    def body(g_h, xs):
+        w_bd, first = xs
+        z = _block_logits(hidden_bnd, w_bd, temperature)  # [B,N,vb]
+        ids = first + jnp.arange(vb)
+        p = jnp.where(ids < v, jnp.exp(z - lse), 0.0)  # the padded rows are no tokens
+        g_z = g_logp * (targets_bn[..., None] == ids) - p * (g_logp + g_entropy * (z - mean_z))
         g_z = g_z / temperature
-        g_h = jnp.einsum("bcv,vd->bcd", g_z.astype(w_vd.dtype), w_vd, preferred_element_type=jnp.float32)
-        return g_w + jnp.einsum("bcv,bcd->vd", g_z, h.astype(jnp.float32)), g_h
+        g_h = g_h + jnp.einsum("bnv,vd->bnd", g_z.astype(w_bd.dtype), w_bd, preferred_element_type=jnp.float32)
+        return g_h, jnp.einsum("bnv,bnd->vd", g_z, h_f32)
 
-    xs = tuple(_blocks(x, block) for x in (hidden_bnd, targets_bn, lse, mean_z, g_logp, g_entropy))
-    g_w, g_h = jax.lax.scan(body, jnp.zeros(unembed_vd.shape, jnp.float32), xs)
-    n = hidden_bnd.shape[1]
-    g_hidden = jnp.moveaxis(g_h, 0, 1).reshape(hidden_bnd.shape[0], -1, hidden_bnd.shape[2])[:, :n]
+    g_h, g_w = jax.lax.scan(body, jnp.zeros((b, n, d), jnp.float32), (w_kvd, jnp.arange(k) * vb))
     g_targets = np.zeros(targets_bn.shape, jax.dtypes.float0)
-    return g_hidden.astype(hidden_bnd.dtype), g_w.astype(unembed_vd.dtype), g_targets
+    return g_h.astype(hidden_bnd.dtype), g_w.reshape(k * vb, d)[:v].astype(unembed_vd.dtype), g_targets
 
 
 _token_logprobs.defvjp(_token_fwd, _token_bwd)

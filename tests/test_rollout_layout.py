@@ -1,7 +1,7 @@
 """The rollout's decode layout (``sharding.decode_shardings``, ``train_ppo.decode_layout``) on 8 fake CPU devices:
 generation gives the same tokens from the training (FSDP) layout and from the decode layout; ``hlo_stats`` finds
-the collectives of a small hand-made program, inside and outside a loop; and the decode loop's collective bytes
-per step fall with the decode layout."""
+the collectives of a small hand-made program, inside and outside a loop; the decode loop's collective bytes
+per step fall with the decode layout; and the blocked LM head's gradient reduces its weight gradient once."""
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ from conftest import load_config
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from instructjax import hlo_stats, sampling, sharding, train_ppo
+from instructjax import hlo_stats, sampling, scoring, sharding, train_ppo
 from instructjax.model import ModelConfig, Transformer
 
 MAX_NEW = 12
@@ -152,3 +152,41 @@ def test_cast_for_compute_and_the_decode_layout_switch():
     assert sharding.decode_shardings({"w": spec})["w"].spec == P(None, "tensor", None)
     config = ml_collections.ConfigDict({"decode_layout": "train"})
     assert train_ppo.decode_layout(config, None, fsdp)("params") == "params"  # the identity: no copy
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (1, 4, 2)])
+def test_blocked_head_gradient_reduces_the_weight_gradient_once_not_once_per_block(mesh_shape):
+    """With the batch sharded (FSDP), ``scoring.token_logprobs``' gradient all-reduces the [V,D] weight gradient
+    about once, as autodiff of the plain log-softmax does, however many blocks it runs (here 16 positions in
+    blocks of 4: 4 forward blocks). A backward that sums the weight gradient in a loop carry over position
+    blocks all-reduced it once per block (4x and more)."""
+    mesh = sharding.make_mesh(mesh_shape)
+    b, n, d, v = 16, 16, 32, 1000
+    rng = np.random.RandomState(0)
+    hidden, unembed = jnp.asarray(rng.randn(b, n, d), jnp.float32), jnp.asarray(rng.randn(v, d) * 0.1, jnp.float32)
+    targets = jnp.asarray(rng.randint(0, v, (b, n)), jnp.int32)
+    batch = P(("data", "fsdp"))
+    in_shardings = (NamedSharding(mesh, batch), NamedSharding(mesh, P("tensor", "fsdp")), NamedSharding(mesh, batch))
+
+    def blocked(h, w, y):
+        logp, entropy = scoring.token_logprobs(h, w, y, 1.0, block_rows=64)
+        return logp.sum() + 0.1 * entropy.sum()
+
+    def plain(h, w, y):
+        log_p = jax.nn.log_softmax(jnp.einsum("bnd,vd->bnv", h, w), axis=-1)
+        entropy = -(jnp.exp(log_p) * log_p).sum(-1)
+        return jnp.take_along_axis(log_p, y[..., None], axis=-1)[..., 0].sum() + 0.1 * entropy.sum()
+
+    reduced = {}
+    for name, fn in (("blocked", blocked), ("plain", plain)):
+        grad = jax.jit(jax.grad(fn, argnums=(0, 1)), in_shardings=in_shardings)
+        text = grad.lower(hidden, unembed, targets).compile().as_text()
+        reduced[name] = hlo_stats.program_stats(text).total().collectives.get("all-reduce", 0.0)
+        if name == "blocked":
+            got = grad(hidden, unembed, targets)
+    want = jax.jit(jax.grad(plain, argnums=(0, 1)))(hidden, unembed, targets)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+    weight_bytes = v * d * 4
+    assert reduced["plain"] >= weight_bytes / mesh_shape[2] * 0.5, reduced  # the reference does reduce it
+    assert reduced["blocked"] <= 1.5 * max(reduced["plain"], weight_bytes), reduced
