@@ -48,13 +48,11 @@ def test_ppo_iteration_benchmark_reports_every_phase():
     assert result["decode"]["fraction_of_read_bandwidth"] > 0 and result["peak_host_rss_bytes"] > 0
 
 
-def test_lm_head_benchmark_times_both_heads_and_counts_their_collectives():
+def test_lm_head_benchmark_times_both_heads():
     result, _ = run_benchmark("lm_head.py", "--shapes=2x8x16", "--vocab=64", "--repeats=1")
     assert set(result["timings"][0]["seconds"]) == {
         f"{k}_{h}" for k in ("forward", "gradient") for h in ("blocked", "plain")
     }
-    with pytest.raises(subprocess.CalledProcessError):  # one CPU device: it says it needs 8
-        run_benchmark("lm_head.py", "--collectives")
 
 
 def test_tunix_comparison_runs_the_same_function_on_both_sides():
