@@ -78,7 +78,7 @@ def token_logprobs(
         z = h·Wᵀ/τ,  lse = log Σ_v exp z_v,  log p(y) = z_y - lse,  H = lse - Σ_v p_v z_v
 
     One exp per logit serves the log-sum-exp and the entropy. The custom VJP recomputes the logits a slice of
-    the vocabulary at a time, for every position (8 times as many blocks as the forward), and applies
+    the vocabulary at a time, for every position (about block_rows / 8 rows' worth of logits each), and applies
     ``∂log p(y)/∂z = onehot(y) - p`` and ``∂H/∂z = -p ⊙ (z - Σ p z)``, so neither pass keeps the logits: on CPU
     the full [B,N,V] array and its passes cost more than the head's matmul at long responses
     (docs/benchmarks.md, "How each phase grows"); the backward pass does one head matmul more than autodiff.
@@ -88,13 +88,12 @@ def token_logprobs(
 
     Shapes: hidden [B,N,D], unembed [V,D] (``model.unembedding``), targets [B,N] token ids.
     """
-    block = max(1, block_rows // hidden_bnd.shape[0])
-    return _token_logprobs(hidden_bnd, unembed_vd, targets_bn, float(temperature), block)
+    return _token_logprobs(hidden_bnd, unembed_vd, targets_bn, float(temperature), block_rows)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _token_logprobs(hidden_bnd, unembed_vd, targets_bn, temperature, block):
-    logp, entropy, _ = _token_forward(hidden_bnd, unembed_vd, targets_bn, temperature, block)
+def _token_logprobs(hidden_bnd, unembed_vd, targets_bn, temperature, block_rows):
+    logp, entropy, _ = _token_forward(hidden_bnd, unembed_vd, targets_bn, temperature, block_rows)
     return logp, entropy
 
 
@@ -117,8 +116,9 @@ def _block_logits(h_bcd: jax.Array, w_vd: jax.Array, temperature: float) -> jax.
     return jnp.einsum("bcd,vd->bcv", h_bcd, w_vd, preferred_element_type=jnp.float32) / temperature
 
 
-def _token_forward(hidden_bnd, unembed_vd, targets_bn, temperature, block):
+def _token_forward(hidden_bnd, unembed_vd, targets_bn, temperature, block_rows):
     n = hidden_bnd.shape[1]
+    block = max(1, block_rows // hidden_bnd.shape[0])  # positions per block
     w_vd = unembed_vd.astype(hidden_bnd.dtype)
 
     def one_block(xs):
@@ -135,12 +135,12 @@ def _token_forward(hidden_bnd, unembed_vd, targets_bn, temperature, block):
     return _unblocks(logp, n), _unblocks(entropy, n), _unblocks(lse, n)
 
 
-def _token_fwd(hidden_bnd, unembed_vd, targets_bn, temperature, block):
-    logp, entropy, lse = _token_forward(hidden_bnd, unembed_vd, targets_bn, temperature, block)
+def _token_fwd(hidden_bnd, unembed_vd, targets_bn, temperature, block_rows):
+    logp, entropy, lse = _token_forward(hidden_bnd, unembed_vd, targets_bn, temperature, block_rows)
     return (logp, entropy), (hidden_bnd, unembed_vd, targets_bn, lse, entropy)
 
 
-def _token_bwd(temperature, block, residuals, cotangents):
+def _token_bwd(temperature, block_rows, residuals, cotangents):
     # Vocabulary blocks, not position blocks: each block's logits for every position, from the forward's lse
     # and Σ p z. A position-blocked backward sums the [V,D] gradient over blocks in a loop carry, and with the
     # batch sharded XLA all-reduced that carry once per block (k times the bytes of autodiff's one all-reduce;
@@ -150,9 +150,9 @@ def _token_bwd(temperature, block, residuals, cotangents):
     g_logp, g_entropy = (g[..., None] for g in cotangents)
     b, n, d = hidden_bnd.shape
     v = unembed_vd.shape[0]
-    # 8x the forward's blocks: each holds the logits of about block_rows / 8 positions' rows, which was faster
-    # than 1-4x (larger blocks) and 16-32x on machine G (docs/benchmarks.md).
-    k = 8 * -(-n // block)
+    # Slices of about block_rows / 8 positions' worth of logits (8x the forward's blocks at long responses):
+    # faster than 1-4x (larger blocks) and 16-32x on machine G (docs/benchmarks.md); short inputs take fewer.
+    k = -(-8 * b * n // block_rows)
     vb = -(-v // k)
     w_kvd = jnp.pad(unembed_vd.astype(hidden_bnd.dtype), ((0, k * vb - v), (0, 0))).reshape(k, vb, d)
     lse, mean_z = lse[..., None], (lse - entropy)[..., None]  # mean_z = Σ_v p_v z_v
