@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
 from instructjax.model import Transformer, unembedding
 
@@ -72,8 +73,8 @@ def token_logprobs(
     hidden_bnd: jax.Array, unembed_vd: jax.Array, targets_bn: jax.Array, temperature: float, block_rows: int = 256
 ) -> tuple[jax.Array, jax.Array]:
     """``(log p(y), H(p))`` [B,N] of ``p = softmax(hidden @ unembed_vd.T / temperature)`` without the [B,N,V]
-    logits: ``max(1, block_rows // B)`` positions of every row at a time (about ``block_rows`` rows of logits at
-    once; 256 was the fastest of 64-1,024 for the forward and the gradient at 19M on machine G)::
+    logits: ``max(1, block_rows // B)`` positions of every row at a time (about ``block_rows`` rows of logits per
+    device at once; 256 was the fastest of 64-1,024 for the forward and the gradient at 19M on machine G)::
 
         z = h·Wᵀ/τ,  lse = log Σ_v exp z_v,  log p(y) = z_y - lse,  H = lse - Σ_v p_v z_v
 
@@ -84,11 +85,27 @@ def token_logprobs(
     (docs/benchmarks.md, "How each phase grows"); the backward pass does one head matmul more than autodiff.
     Same values and gradients as the plain log-softmax (tests/test_ppo.py). The batch axis stays whole in
     every block of both passes, so a batch-sharded ``hidden_bnd`` stays sharded, and the [V,D] weight gradient
-    is all-reduced once, as autodiff's is (tests/test_rollout_layout.py).
+    is all-reduced once, as autodiff's is (tests/test_rollout_layout.py); an FSDP-sharded weight is gathered
+    once, before the blocks (tests/test_aot.py).
+
+    ``block_rows`` counts the rows of one device: under a mesh (``sharding.use``) whose batch axis splits the
+    rows over S shards, blocks are S times as many positions, so each device still computes about
+    ``block_rows`` rows of logits a block. Counted with the global B, the 6.7B PPO preset's 512-row rollout ran
+    one position a block, 16 rows per chip: 1,024 trips, each reading the whole head (docs/scaling.md).
 
     Shapes: hidden [B,N,D], unembed [V,D] (``model.unembedding``), targets [B,N] token ids.
     """
+    block_rows = block_rows * _batch_shards()
     return _token_logprobs(hidden_bnd, unembed_vd, targets_bn, float(temperature), block_rows)
+
+
+def _batch_shards() -> int:
+    """How many ways the active mesh and logical rules split the ``batch`` axis (1 outside ``sharding.use``)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = nn.logical_to_mesh_axes(("batch",))[0] or ()
+    return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -118,8 +135,11 @@ def _block_logits(h_bcd: jax.Array, w_vd: jax.Array, temperature: float) -> jax.
 
 def _token_forward(hidden_bnd, unembed_vd, targets_bn, temperature, block_rows):
     n = hidden_bnd.shape[1]
-    block = max(1, block_rows // hidden_bnd.shape[0])  # positions per block
-    w_vd = unembed_vd.astype(hidden_bnd.dtype)
+    blocks = -(-n // max(1, block_rows // hidden_bnd.shape[0]))  # at most block_rows // B positions a block,
+    block = -(-n // blocks)  # spread evenly: fewer than `blocks` padded positions, none past a short response
+    # Every block needs the whole embedding axis of the weight: gathered here, once. Left FSDP-sharded, the XLA
+    # TPU compiler all-gathered it inside the loop, once per block (XLA:CPU hoists it; docs/scaling.md).
+    w_vd = nn.with_logical_constraint(unembed_vd.astype(hidden_bnd.dtype), ("vocab", None))
 
     def one_block(xs):
         h_bcd, y_bc = xs

@@ -87,6 +87,47 @@ def test_tiny_ppo_update_and_rollout_compile(topology):
     assert "ppo train_step" in aot_compiler.format_table(report)
 
 
+@needs_libtpu
+def test_blocked_head_gathers_an_fsdp_sharded_weight_once_on_tpu(topology):
+    """``scoring.token_logprobs`` under the training mesh and rules, compiled for v5e:2x2: the forward pass
+    all-gathers the FSDP-sharded [V,D] head once (the XLA TPU compiler gathered it in each of the 16 blocks
+    before), the gradient too, and the blocks count rows per chip (16 rows x 64 positions over 4 chips at
+    ``block_rows`` 64: 4 blocks, not 16)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from instructjax import hlo_stats, scoring, sharding
+
+    mesh = sharding.make_mesh((1, 4, 1), topology.devices)
+    rules = sharding.as_rules(configlib.load_module(REPO / "configs/model.py").DEFAULT_RULES)
+    b, n, d, v = 16, 64, 256, 4096
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    args = (
+        jax.ShapeDtypeStruct((b, n, d), jnp.bfloat16, sharding=rows),
+        jax.ShapeDtypeStruct((v, d), jnp.float32, sharding=NamedSharding(mesh, P("tensor", "fsdp"))),
+        jax.ShapeDtypeStruct((b, n), jnp.int32, sharding=rows),
+    )
+
+    def logprobs(h, w, y):
+        return scoring.token_logprobs(h, w, y, 1.0, block_rows=64)
+
+    def loss(h, w, y):
+        logp, entropy = logprobs(h, w, y)
+        return logp.astype(jnp.float32).sum() + 0.1 * entropy.sum()
+
+    weight = v * d * 2  # gathered in bf16, the hidden's dtype
+    with sharding.use(mesh, rules):
+        blocks = jax.make_jaxpr(logprobs)(*args).eqns
+        for fn in (logprobs, jax.grad(loss, argnums=(0, 1))):
+            text = jax.jit(fn).lower(*args).compile().as_text()
+            gathered = hlo_stats.program_stats(text).total().collectives.get("all-gather", 0.0)
+            assert 0.9 * weight <= gathered <= 1.5 * weight, (fn, gathered, weight)
+    trips = [e.params["length"] for e in blocks[0].params["call_jaxpr"].eqns if e.primitive.name == "scan"]
+    assert trips == [4], trips
+
+
 def test_unknown_topology_and_missing_libtpu_are_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="unknown TPU topology 'tpu-v5e-16'"):
         aot_compiler.topology("tpu-v5e-16")
