@@ -104,7 +104,17 @@ def test_recipe_runs_end_to_end_from_public_schema_files(recipe, tmp_path):
     assert set(results["models"]) == expected
     for name, r in results["models"].items():
         assert 0.0 <= r["rm_win_rate_vs_sft"] <= 1.0 and r["pretrain_nll"] > 0, name
-    assert results["rm"]["val_accuracy"] is not None
+        assert not {"gold_score", "gold_by_family", "gold_win_rate_vs_sft"} & set(r), name  # no world.json
+    assert results["rm"]["val_accuracy"] is not None and results["rm"]["gold_accuracy"] is None
+    # ``base_from`` is the base model: no stage 0, and every stage has the imported shape and reads data_dir
+    assert not (tmp_path / "job" / "base").exists() and results["seconds"]["base"] == 0.0
+    assert "| base | – | – |" in (tmp_path / "job" / "report.md").read_text()
+    d_model = json.loads((tmp_path / "base" / "config.json").read_text())["model"]["d_model"]
+    for name in ("sft", "rm") + (("ppo_init",) if recipe != "tldr" else ()):
+        stage_config = json.loads((tmp_path / "job" / name / "config.json").read_text())
+        assert stage_config["model"]["d_model"] == d_model, name
+        assert stage_config["data"]["world_dir"] == str(tmp_path / "data"), name
+    assert not (tmp_path / "data" / "tfds").exists() and (tmp_path / "job" / "tfds").is_dir()  # the job's cache
     for name in ("ppo", "ppo_ptx"):
         summary = json.loads((tmp_path / "job" / name / "summary.json").read_text())
         assert summary["status"] == "done", name
