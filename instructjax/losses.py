@@ -19,6 +19,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
+
+from instructjax import sharding
 
 
 def check_shapes(fn: str, **arrays: tuple[Any, str]) -> None:
@@ -114,10 +117,12 @@ def fused_lm_loss(
     """``lm_loss(hidden @ unembed_vd.T, tokens, loss_mask)`` without ever holding the [B,T,V] logits.
 
     ``unembed_vd`` is the output projection as [V, D] (``model.unembedding``: a tied model's token
-    embedding itself, so neither it nor its gradient is transposed). Positions are processed
-    ``chunk`` at a time; each chunk's logits give its loss and, right away, its gradients
-    ``dL/dlogits = (softmax - onehot) · m / Σm``, contracted into ``dL/dhidden`` and ``dL/dunembed``
-    (a custom VJP), so the backward pass recomputes nothing and the FLOPs equal the unfused loss.
+    embedding itself, so neither it nor its gradient is transposed). Positions are processed in blocks of
+    about ``chunk`` rows per device (every row, ``chunk // rows`` positions of each, rows counted per batch
+    shard under ``sharding.use``: a batch-sharded hidden stays sharded); each block's logits give its loss and,
+    right away, its gradients ``dL/dlogits = (softmax - onehot) · m / Σm``, contracted into ``dL/dhidden`` and
+    ``dL/dunembed`` (a custom VJP), so the backward pass recomputes nothing and the FLOPs equal the unfused loss.
+    Each batch shard sums its own ``dL/dunembed`` over the blocks; they are added once, after the last block.
     Same value and gradients as ``lm_loss`` (tested). Returns ``(L, Σ m)``.
 
     Shapes: hidden [B,T,D], unembed [V,D], tokens and mask [B,T]. Hidden rows that predict a masked token are
@@ -136,46 +141,64 @@ def _fused_forward(hidden_btd, unembed_vd, tokens_bt, loss_mask_bt, chunk):
         loss_mask_bt=(loss_mask_bt, "BT"),
     )
     b, t, d = hidden_btd.shape
-    n = b * (t - 1)
-    n_chunks = -(-n // chunk)
-    pad = n_chunks * chunk - n
-    h = jnp.pad(hidden_btd[:, :-1].reshape(n, d), ((0, pad), (0, 0))).reshape(n_chunks, chunk, d)
-    targets = jnp.pad(tokens_bt[:, 1:].reshape(n), (0, pad)).reshape(n_chunks, chunk)
-    weights = jnp.pad(loss_mask_bt[:, 1:].reshape(n).astype(jnp.float32), (0, pad)).reshape(n_chunks, chunk)
-    count = weights.sum()
-    scale = 1.0 / jnp.maximum(count, 1.0)
-    w_vd = unembed_vd.astype(hidden_btd.dtype)
+    # Blocks of positions with every row in each, [S, B/S, c] for S batch shards, so a batch-sharded hidden
+    # stays sharded: each device takes about `chunk` of its own rows a block. Chunks of the flattened
+    # [B·T] rows lay on one device each, and under FSDP XLA split their contraction over D instead and
+    # all-reduced every chunk's [C, V] logits (32x the weight's bytes on 8 CPU devices, tests/test_rollout_layout.py).
+    shards = sharding.batch_shards()
+    shards = shards if b % shards == 0 else 1
+    rows = b // shards
+    n = t - 1
+    n_blocks = -(-n // max(1, chunk // rows))
+    c = -(-n // n_blocks)  # positions a block, spread evenly
 
-    def chunk_terms(h_c, t_c, m_c):
-        """One chunk's summed NLL, dL/dhidden [C, D] and dL/dunembed [V, D]."""
+    def blocked(x_bn):  # [B, n, ...] -> [k, S, B/S, c, ...], positions zero-padded to k·c
+        x_bn = jnp.pad(x_bn, [(0, 0), (0, n_blocks * c - n)] + [(0, 0)] * (x_bn.ndim - 2))
+        x = x_bn.reshape(shards, rows, n_blocks, c, *x_bn.shape[2:])
+        return jnp.moveaxis(x, 2, 0)
+
+    h = blocked(hidden_btd[:, :-1])
+    targets = blocked(tokens_bt[:, 1:])
+    weights = blocked(loss_mask_bt[:, 1:].astype(jnp.float32))
+    count = loss_mask_bt[:, 1:].astype(jnp.float32).sum()
+    scale = 1.0 / jnp.maximum(count, 1.0)
+    # Every block needs the whole embedding axis of the weight: gathered once, here (scoring.token_logprobs).
+    w_vd = nn.with_logical_constraint(unembed_vd.astype(hidden_btd.dtype), ("vocab", None))
+
+    def block_terms(h_c, t_c, m_c):
+        """One block's summed NLL, dL/dhidden [S,R,c,D] and each shard's own dL/dunembed [S,V,D]."""
         # Rows of weight 0 contribute 0 to all three anyway; zeroing them keeps a NaN there out of the sums.
-        h_c = jnp.where(m_c[:, None] != 0, h_c, 0)
-        logits = jnp.einsum("cd,vd->cv", h_c, w_vd, preferred_element_type=jnp.float32)
-        # One exp over the [C, V] logits serves both the log-sum-exp and the softmax (logsumexp, then
+        h_c = jnp.where(m_c[..., None] != 0, h_c, 0)
+        logits = jnp.einsum("srcd,vd->srcv", h_c, w_vd, preferred_element_type=jnp.float32)
+        rows_v, t_rows, m_rows = logits.reshape(-1, logits.shape[-1]), t_c.reshape(-1), m_c.reshape(-1)
+        # One exp over the logits serves both the log-sum-exp and the softmax (logsumexp, then
         # exp(logits - lse), took two; the second was a fifth of the head's time on CPU).
-        top = logits.max(axis=-1)
-        unnormalised = jnp.exp(logits - top[:, None])
+        top = rows_v.max(axis=-1)
+        unnormalised = jnp.exp(rows_v - top[:, None])
         total = unnormalised.sum(axis=-1)
         lse = top + jnp.log(total)
-        picked = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
-        g_logits = unnormalised * (m_c * scale / total)[:, None]
-        g_logits = g_logits.at[jnp.arange(chunk), t_c].add(-m_c * scale)
-        g_h = jnp.dot(g_logits.astype(w_vd.dtype), w_vd, preferred_element_type=jnp.float32)
-        # dL/dunembed as [V, D] (g^T h): on CPU this contraction runs ~1.5x faster than h^T g.
-        g_w = jnp.einsum("cv,cd->vd", g_logits, h_c.astype(jnp.float32))
-        return ((lse - picked) * m_c).sum(), g_h, g_w
+        picked = jnp.take_along_axis(rows_v, t_rows[:, None], axis=-1)[:, 0]
+        g_rows = unnormalised * (m_rows * scale / total)[:, None]
+        g_rows = g_rows.at[jnp.arange(t_rows.shape[0]), t_rows].add(-m_rows * scale)
+        g_logits = g_rows.reshape(logits.shape)
+        g_h = jnp.einsum("srcv,vd->srcd", g_logits.astype(w_vd.dtype), w_vd, preferred_element_type=jnp.float32)
+        # dL/dunembed as [V, D] (g^T h): on CPU this contraction runs ~1.5x faster than h^T g. Kept per batch
+        # shard ([S, V, D], split over S like the batch) and summed once after the loop: a [V, D] carry was
+        # all-reduced in every trip (tests/test_rollout_layout.py).
+        g_w = jnp.einsum("srcv,srcd->svd", g_logits, h_c.astype(jnp.float32))
+        return ((lse - picked) * m_rows).sum(), g_h, nn.with_logical_constraint(g_w, ("batch", "vocab", None))
 
-    def body(grad_vd, xs):
-        nll_c, g_h, g_w = chunk_terms(*xs)
-        return grad_vd + g_w, (nll_c, g_h)
+    def body(grad_svd, xs):
+        nll_c, g_h, g_w = block_terms(*xs)
+        return grad_svd + g_w, (nll_c, g_h)
 
-    # The first chunk's dL/dunembed starts the sum: a zero [V, D] carry cost a 51 MB fill and an add.
-    nll_0, g_h_0, grad_vd = chunk_terms(h[0], targets[0], weights[0])
-    grad_vd, (nll, g_h) = jax.lax.scan(body, grad_vd, (h[1:], targets[1:], weights[1:]))
-    g_h = jnp.concatenate([g_h_0[None], g_h]).reshape(n_chunks * chunk, d)
-    g_hidden = jnp.pad(g_h[:n].reshape(b, t - 1, d), ((0, 0), (0, 1), (0, 0)))
+    # The first block's dL/dunembed starts the sum: a zero [V, D] carry cost a 51 MB fill and an add.
+    nll_0, g_h_0, grad_svd = block_terms(h[0], targets[0], weights[0])
+    grad_svd, (nll, g_h) = jax.lax.scan(body, grad_svd, (h[1:], targets[1:], weights[1:]))
+    g_h = jnp.moveaxis(jnp.concatenate([g_h_0[None], g_h]), 0, 2).reshape(b, n_blocks * c, d)
+    g_hidden = jnp.pad(g_h[:, :n], ((0, 0), (0, 1), (0, 0)))
     loss = (nll_0 + nll.sum()) * scale
-    return loss, count, (g_hidden.astype(hidden_btd.dtype), grad_vd.astype(unembed_vd.dtype))
+    return loss, count, (g_hidden.astype(hidden_btd.dtype), grad_svd.sum(0).astype(unembed_vd.dtype))
 
 
 def _fused_fwd(hidden_btd, unembed_vd, tokens_bt, loss_mask_bt, chunk):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from instructjax import sharding
 from instructjax.model import Transformer, unembedding
 
 
@@ -95,17 +96,8 @@ def token_logprobs(
 
     Shapes: hidden [B,N,D], unembed [V,D] (``model.unembedding``), targets [B,N] token ids.
     """
-    block_rows = block_rows * _batch_shards()
+    block_rows = block_rows * sharding.batch_shards()
     return _token_logprobs(hidden_bnd, unembed_vd, targets_bn, float(temperature), block_rows)
-
-
-def _batch_shards() -> int:
-    """How many ways the active mesh and logical rules split the ``batch`` axis (1 outside ``sharding.use``)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return 1
-    axes = nn.logical_to_mesh_axes(("batch",))[0] or ()
-    return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

@@ -88,6 +88,15 @@ def use(mesh: Mesh, rules: Rules) -> Iterator[None]:
         yield
 
 
+def batch_shards() -> int:
+    """How many ways the active mesh and logical rules (``use``) split the ``batch`` axis; 1 outside them."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = nn.logical_to_mesh_axes(("batch",))[0] or ()
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 def _path_str(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 

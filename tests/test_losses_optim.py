@@ -44,9 +44,10 @@ def test_fused_lm_loss_equals_lm_loss_in_value_and_gradients():
     def reference(h, w):
         return 2.0 * losses.lm_loss(h @ w.T, tokens, mask)[0]
 
-    # 24 positions: 5 chunks of 5, the last padded (the first chunk outside the scan, four in it); and
-    # one chunk of 32, a scan over nothing.
-    for chunk in (5, 32):
+    # 3 rows x 8 positions: chunk 5, blocks of one position (every row in each; the first block outside the
+    # scan, seven in it); chunk 10, three blocks of 3 positions, the last padded; chunk 32, one block, a scan
+    # over nothing.
+    for chunk in (5, 10, 32):
 
         def fused(h, w, chunk=chunk):
             return 2.0 * losses.fused_lm_loss(h, w, tokens, mask, chunk)[0]

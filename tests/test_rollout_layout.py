@@ -1,7 +1,8 @@
 """The rollout's decode layout (``sharding.decode_shardings``, ``train_ppo.decode_layout``) on 8 fake CPU devices:
 generation gives the same tokens from the training (FSDP) layout and from the decode layout; ``hlo_stats`` finds
 the collectives of a small hand-made program, inside and outside a loop; the decode loop's collective bytes
-per step fall with the decode layout; and the blocked LM head's gradient reduces its weight gradient once."""
+per step fall with the decode layout; and the blocked LM head's gradient and the fused LM loss reduce their weight
+gradient once."""
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from conftest import load_config
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from instructjax import hlo_stats, sampling, scoring, sharding, train_ppo
+from instructjax import hlo_stats, losses, sampling, scoring, sharding, train_ppo
 from instructjax.model import ModelConfig, Transformer
 
 MAX_NEW = 12
@@ -190,3 +191,37 @@ def test_blocked_head_gradient_reduces_the_weight_gradient_once_not_once_per_blo
     weight_bytes = v * d * 4
     assert reduced["plain"] >= weight_bytes / mesh_shape[2] * 0.5, reduced  # the reference does reduce it
     assert reduced["blocked"] <= 1.5 * max(reduced["plain"], weight_bytes), reduced
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (1, 4, 2)])
+def test_fused_lm_loss_under_fsdp_keeps_rows_on_their_device_and_reduces_the_weight_gradient_once(mesh_shape):
+    """SFT's (and PPO-ptx's) ``losses.fused_lm_loss`` under the training mesh and rules, the batch sharded: no
+    more all-reduce than autodiff of the plain loss (the weight gradient, once). Chunks of the flattened rows
+    had split their contraction over D and all-reduced every chunk's logits: 32x the weight's bytes here."""
+    mesh = sharding.make_mesh(mesh_shape)
+    rules = sharding.as_rules(load_config("configs/model.py", "tiny").rules)
+    b, t, d, v = 16, 129, 64, 1000
+    rng = np.random.RandomState(0)
+    hidden, unembed = jnp.asarray(rng.randn(b, t, d), jnp.float32), jnp.asarray(rng.randn(v, d) * 0.1, jnp.float32)
+    tokens = jnp.asarray(rng.randint(0, v, (b, t)), jnp.int32)
+    mask = jnp.asarray(rng.rand(b, t) > 0.2, jnp.float32)
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    in_shardings = (rows, NamedSharding(mesh, P("tensor", "fsdp")), rows, rows)
+
+    def fused(h, w, y, m):
+        return losses.fused_lm_loss(h, w, y, m, 64)[0]
+
+    def plain(h, w, y, m):
+        return losses.lm_loss(jnp.einsum("btd,vd->btv", h, w), y, m)[0]
+
+    reduced, got = {}, {}
+    with sharding.use(mesh, rules):
+        for name, fn in (("fused", fused), ("plain", plain)):
+            step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)), in_shardings=in_shardings)
+            text = step.lower(hidden, unembed, tokens, mask).compile().as_text()
+            reduced[name] = hlo_stats.program_stats(text).total().collectives.get("all-reduce", 0.0)
+            got[name] = step(hidden, unembed, tokens, mask)
+    np.testing.assert_allclose(got["fused"][0], got["plain"][0], rtol=1e-6)
+    for g, w in zip(got["fused"][1], got["plain"][1], strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-6)
+    assert reduced["fused"] <= 1.5 * max(reduced["plain"], v * d * 4 / mesh_shape[2]), reduced
