@@ -116,6 +116,7 @@ def topology(name: str) -> Topology:
             "pip install -e '.[tpu]'"
         )
     _compile_only_libtpu()
+    sharding.set_tpu_flags()  # what a TPU run compiles with (scripts/train_*.py)
     from jax.experimental import topologies
 
     try:

@@ -13,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from instructjax import loop, stages
+from instructjax import loop, sharding, stages
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pipeline.py:default", "pipeline config", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "where every stage and the report go")
@@ -22,6 +22,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "where every stage
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    sharding.set_tpu_flags()  # the TPU compiler's flags, before any JAX call (a no-op off TPU)
     try:
         results = stages.run(_CONFIG.value, _WORKDIR.value)
     except loop.Preempted as stopped:

@@ -8,6 +8,7 @@ CI installs only '.[test]' (no libtpu): the compiling tests skip there and run w
 
 import importlib.util
 import math
+import os
 
 import ml_collections
 import numpy as np
@@ -205,3 +206,18 @@ def test_sweep_tables_show_every_row_and_name_what_was_not_compiled():
     assert "compiler crashed (segmentation fault) after: ppo rollout: generate 16.19 GiB" in text
     assert text.count("not compiled") == len(sweep.ROWS) - 2
     assert all(line.count("|") == 13 for line in text.splitlines() if line.startswith("|"))
+
+
+def test_tpu_flags_are_added_to_libtpu_init_args_and_the_users_own_values_kept(monkeypatch):
+    from instructjax import sharding
+
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_tpu_enable_windowed_einsum_for_all_gather=true --foo=1")
+    sharding.set_tpu_flags()
+    args = os.environ["LIBTPU_INIT_ARGS"].split()
+    assert args[:2] == ["--xla_tpu_enable_windowed_einsum_for_all_gather=true", "--foo=1"]
+    assert args[2:] == ["--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false"]
+    sharding.set_tpu_flags()  # idempotent
+    assert os.environ["LIBTPU_INIT_ARGS"].split() == args
+    monkeypatch.delenv("LIBTPU_INIT_ARGS")
+    sharding.set_tpu_flags()
+    assert os.environ["LIBTPU_INIT_ARGS"].split() == [f"--{k}={v}" for k, v in sharding.TPU_FLAGS.items()]
