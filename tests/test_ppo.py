@@ -203,7 +203,9 @@ def test_first_update_ratio_is_exactly_one(sft_dir, rm_dir, tmp_path):
     assert row["ratio"] == 1.0 and row["clip_frac"] == 0.0
     # approx_kl is 0 up to float32 rounding of a log-prob on some token (8.9e-16 measured on this world)
     assert 0.0 <= row["approx_kl"] < 1e-12
-    assert row["kl"] == 0.0  # the policy starts as the reference
+    # The policy starts as the reference: the same computation on equal params, but in two compiled copies that
+    # XLA may fuse differently (-3e-8 after the fused loss's new block order retrained the SFT fixture).
+    assert abs(row["kl"]) < 1e-6
 
 
 @pytest.mark.slow
